@@ -1,0 +1,1 @@
+"""mtnlg: GPT training the Megatron-Turing NLG way, in plain PyTorch."""

@@ -1,0 +1,1 @@
+"""Token data: text -> shards (prepare), the shard format (indexed), training samples (loader), default corpus."""

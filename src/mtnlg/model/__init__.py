@@ -1,0 +1,1 @@
+"""The one model definition; parallelism is applied to it from outside."""

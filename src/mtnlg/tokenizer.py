@@ -1,0 +1,95 @@
+"""Byte-level BPE tokenizer on Hugging Face `tokenizers`: train one, or load tokenizer.json / GPT-2 vocab+merges."""
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from mtnlg.errors import MtnlgError
+
+EOD = "<|endoftext|>"
+
+
+class Tokenizer:
+    """A thin wrapper that fixes the conventions: no special tokens added on encode, exact byte round trip."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self._tok = tok
+        self._eod_id: int | None = None
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """Byte-level BPE like GPT-2's: every byte is in the alphabet, so any text encodes without unknowns."""
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + 1:
+            raise MtnlgError(f"vocab size {vocab_size} is too small; use at least {len(alphabet) + 1} (bytes + EOD)")
+        tok = _byte_level(models.BPE())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOD], initial_alphabet=alphabet, show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """From a tokenizer.json file, a directory holding one, or a directory holding GPT-2 vocab.json + merges.txt."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if file.is_file():
+            try:
+                return cls(tokenizers.Tokenizer.from_file(str(file)))
+            except Exception as e:
+                raise MtnlgError(f"{file}: not a valid tokenizer.json ({e}); re-save it or train a new one") from None
+        vocab, merges = path / "vocab.json", path / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            try:
+                tok = _byte_level(models.BPE.from_file(str(vocab), str(merges)))
+            except Exception as e:
+                raise MtnlgError(f"{path}: unreadable vocab.json/merges.txt ({e}); check the files") from None
+            tok.add_special_tokens([EOD])
+            return cls(tok)
+        raise MtnlgError(
+            f"{path}: no tokenizer found (looked for tokenizer.json, or vocab.json + merges.txt); "
+            "pass a tokenizer file or directory, or train one"
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Write directory/tokenizer.json atomically and return its path."""
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self._tok.to_str(pretty=True), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Like encode, for many texts at once (parallel inside `tokenizers`)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Special tokens are kept so that decode(encode(s)) == s even when s contains EOD literally.
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod_id(self) -> int:
+        """The end-of-document id; a tokenizer that lacks EOD gets it as a new special token (vocab_size grows)."""
+        if self._eod_id is None:
+            self._tok.add_special_tokens([EOD])  # no-op when already special; never split afterwards
+            self._eod_id = self._tok.token_to_id(EOD)
+        return self._eod_id
+
+
+def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok

@@ -1,0 +1,69 @@
+"""Shared fixtures: a small synthetic English corpus, its tokenizer and shards, and a tiny training config."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from mtnlg.config import load_config
+
+WORDS = (
+    "the a model learns to predict next token from text data with attention over layers and heads "
+    "training runs on one machine or many while loss falls slowly as steps pass through batches of samples"
+).split()
+
+
+def synthetic_documents(n: int = 60, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "." for _ in range(rng.randint(3, 8))]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, corpus_jsonl) -> Path:
+    """Shard prefix (PREFIX_train / PREFIX_val) of the synthetic corpus, with tokenizer.json beside it."""
+    from mtnlg.data.prepare import prepare, read_documents
+    from mtnlg.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("data")
+    tokenizer = Tokenizer.train(read_documents(corpus_jsonl), 512)
+    tokenizer.save(out)
+    prepare([corpus_jsonl], out / "corpus", tokenizer, val_fraction=0.1, progress=False)
+    return out / "corpus"
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tmp_path):
+    """A tiny model and a short run writing into this test's temp dir; pass overrides to change it."""
+
+    def make(*overrides: str, out_dir: Path | None = None):
+        base = [
+            "--model.preset=tiny",
+            f"--train.data={tiny_data}",
+            f"--train.out_dir={out_dir or tmp_path / 'run'}",
+            "--train.micro_batch_size=4",
+            "--train.global_batch_size=8",
+            "--train.max_steps=6",
+            "--train.warmup_steps=2",
+            "--train.eval_interval=3",
+            "--train.eval_batches=2",
+            "--train.save_interval=3",
+            "--train.tensorboard=false",
+            "--train.progress=false",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from mtnlg.config import PRESETS, ModelConfig
+from mtnlg.model.flops import model_size
+from mtnlg.model.gpt import GPT, cross_entropy
+from mtnlg.model.kv_cache import KVCache
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if model_size(ModelConfig.from_name(n)).params < 2e9])
+def test_param_count_matches_the_module(name):
+    cfg = ModelConfig.from_name(name)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model_size(cfg).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "bias": False}, {"n_kv_head": 1, "mlp": "swiglu"}])
+def test_param_count_matches_for_variants(overrides):
+    cfg = ModelConfig.from_name("llama-tiny", **overrides) if "mlp" in overrides else ModelConfig.from_name("tiny", **overrides)
+    assert model_size(cfg).params == sum(p.numel() for p in GPT(cfg).parameters())
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    cfg = ModelConfig.from_name("gpt2")
+    size = model_size(cfg, seq_len=1024)
+    matmul = 12 * 12 * 768**2 + 50304 * 768  # per-layer 12h^2 weights plus the LM head
+    assert size.matmul_params == matmul
+    assert size.flops_per_token == 6 * matmul + 12 * 12 * 1024 * 768
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_causal_future_tokens_do_not_change_past_logits(name):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name(name)).eval()
+    x = torch.randint(0, 512, (2, 16))
+    y = x.clone()
+    y[:, 10:] = torch.randint(0, 512, (2, 6))
+    torch.testing.assert_close(model(x)[:, :10], model(y)[:, :10])
+    assert not torch.allclose(model(x)[:, 10:], model(y)[:, 10:])
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_kv_cache_decoding_matches_full_forward(name):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name(name)).eval()
+    x = torch.randint(0, 512, (2, 20))
+    full = model(x)
+    cache = KVCache(model.cfg, 2, 20, "cpu", torch.float32)
+    pieces = [model(x[:, :7], cache=cache), model(x[:, 7:12], cache=cache)]
+    pieces += [model(x[:, i : i + 1], cache=cache) for i in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_mt_nlg_init_scales_residual_projections():
+    cfg = ModelConfig(vocab_size=256, n_layer=8, n_head=4, d_model=256, max_seq_len=32)
+    model = GPT(cfg)
+    std = math.sqrt(1 / (3 * 256))
+    assert model.blocks["0"].attn.q_proj.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert model.blocks["0"].mlp.down_proj.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.05)
+    assert torch.all(model.blocks["0"].attn_norm.weight == 1) and torch.all(model.blocks["0"].attn.q_proj.bias == 0)
+
+
+def test_tied_head_shares_the_embedding():
+    tied, untied = GPT(ModelConfig.from_name("tiny")), GPT(ModelConfig.from_name("tiny", tie_embeddings=False))
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def _grads(model, x):
+    model.zero_grad()
+    cross_entropy(model(x[:, :-1]), x[:, 1:]).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("llama-tiny"))
+    x = torch.randint(0, 512, (2, 17))
+    plain = _grads(model, x)
+    model.activation_checkpointing = True
+    for a, b in zip(plain, _grads(model, x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_is_active_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("tiny", dropout=0.5))
+    x = torch.randint(0, 512, (1, 8))
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_overlong_input_is_refused():
+    model = GPT(ModelConfig.from_name("tiny"))
+    with pytest.raises(ValueError, match="exceeds max_seq_len 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("tiny")).eval()
+    x = torch.randint(0, 512, (2, 16))
+    torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-5, rtol=1e-5)
