@@ -60,7 +60,9 @@ def test_mt_nlg_init_scales_residual_projections():
     std = math.sqrt(1 / (3 * 256))
     assert model.blocks["0"].attn.q_proj.weight.std().item() == pytest.approx(std, rel=0.05)
     assert model.blocks["0"].mlp.down_proj.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.05)
-    assert torch.all(model.blocks["0"].attn_norm.weight == 1) and torch.all(model.blocks["0"].attn.q_proj.bias == 0)
+    block = model.blocks["0"]
+    assert torch.all(block.attn_norm.weight == 1) and torch.all(block.attn_norm.bias == 0)
+    assert torch.all(block.attn.q_proj.bias == 0) and torch.all(model.norm.bias == 0)
 
 
 def test_tied_head_shares_the_embedding():

@@ -136,7 +136,7 @@ class GPT(nn.Module):
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                nn.init.ones_(p) if "norm" in name else nn.init.zeros_(p)
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layer))
             else:
