@@ -64,7 +64,7 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"mtnlg: {Path(run_dir).name}")
+    ax.set_title(f"mtnlg: {run_dir}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
