@@ -19,7 +19,7 @@ def losses(run_dir):
 
 
 def test_loss_falls_and_metrics_are_written(tiny_config, tmp_path):
-    cfg = tiny_config("--train.max_steps=30", "--train.lr=3e-3", "--train.eval_interval=15")
+    cfg = tiny_config("--train.max_steps=30", "--train.lr=3e-3", "--train.eval_interval=15", "--train.tensorboard=true")
     result = Trainer(cfg).fit()
     records = read_metrics(cfg.train.out_dir)
     train = [r for r in records if "loss" in r]
@@ -29,6 +29,7 @@ def test_loss_falls_and_metrics_are_written(tiny_config, tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [15, 30]
     assert result.val_loss is not None and result.step == 30
     assert find_latest(tmp_path / "run" / "checkpoints").name == "step_00000030"
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def stop_after(trainer, steps):

@@ -93,6 +93,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"training state {sum(TRAINING_BYTES_PER_PARAM.values())} bytes/parameter = {human(size.training_bytes, 'B')} before activations")
     for what, nbytes in TRAINING_BYTES_PER_PARAM.items():
         print(f"  {what:<20} {nbytes:>2} B/param  {human(size.params * nbytes, 'B'):>10}")
+    gpus = -(-size.training_bytes // (80 * 2**30))
+    print(f"               at least {gpus:,} GPU{'s' if gpus > 1 else ''} of 80 GiB for the training state alone")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

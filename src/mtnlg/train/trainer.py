@@ -45,11 +45,10 @@ class Trainer:
         tc = config.train
         self.run_dir = Path(tc.out_dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
-        self.device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else tc.device.replace("auto", "cpu"))
+        self.device = pick_device(tc.device)
         bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        )
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
         resume_from = self._checkpoint_to_resume(resume)
         self.tokenizer = Tokenizer.load(resume_from or self._tokenizer_path())
@@ -122,7 +121,7 @@ class Trainer:
         tc = self.config.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step)
-        peak = peak_flops(self.device, torch.bfloat16 if not isinstance(self.autocast, contextlib.nullcontext) else torch.float32)
+        peak = peak_flops(self.device, self.compute_dtype)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not tc.progress, unit="step", dynamic_ncols=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint, val_loss = None, None
@@ -208,6 +207,15 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_signal = signal.Signals(signum).name  # finish the step, save, then stop
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when there is a GPU, else the CPU; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MtnlgError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu or auto")
+    return torch.device(name)
 
 
 def _round_up(n: int, multiple: int) -> int:
