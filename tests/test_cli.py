@@ -92,3 +92,35 @@ def test_a_real_process_exits_without_traceback(tmp_path):
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_generate_rejects_bad_sampling(capsys, value, tmp_path):
     assert_user_error(capsys, "top_p", "generate", tmp_path, "--prompt", "x", "--top-p", value)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "tiny", f"--train.data={tiny_data}", f"--train.out_dir={run_dir}", "--train.max_steps=3",
+                 "--train.tensorboard=false", "--train.progress=false"]) == 0
+    return run_dir
+
+
+def test_generate_prompts_file_json_and_beams(capsys, tmp_path, tiny_run):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"The model"\n{"prompt": "Loss"}\n')
+    code, out, _ = run(capsys, "generate", tiny_run, "--prompts-file", prompts, "--json", "--n", "2", "--seed", "1",
+                       "--max-new-tokens", "4", "--logprobs", "1", "--ignore-eos")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [(r["index"], r["prompt"]) for r in rows] == [(0, "The model")] * 2 + [(1, "Loss")] * 2
+    assert all(len(r["token_ids"]) == 4 == len(r["logprobs"]) and r["finish_reason"] == "length" for r in rows)
+    code, out, _ = run(capsys, "generate", tiny_run, "--prompt", "The", "--num-beams", "3", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("--- prompt 0")
+    prompts.write_text("{broken\n")
+    assert_user_error(capsys, "prompts.jsonl:1: invalid JSON", "generate", tiny_run, "--prompts-file", prompts)
+    assert_user_error(capsys, "nothing to generate from", "generate", tiny_run)
+
+
+def test_chat_streams_replies_until_eof(tiny_run):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtnlg", "chat", str(tiny_run), "--max-new-tokens", "5", "--seed", "0"],
+        input="hello there\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "User: Assistant:" in proc.stdout and proc.stdout.count("User:") == 2

@@ -1,63 +1,192 @@
+import math
+
 import pytest
 import torch
 
+import mtnlg
+from mtnlg.config import ModelConfig
 from mtnlg.errors import MtnlgError
-from mtnlg.inference.generate import Sampling, filter_logits, generate_ids, generate_text, stream_text
-from mtnlg.train.checkpoint import load_model
+from mtnlg.inference.generate import Sampling, _safe_length, filter_logits, generate, penalize, score, stream
+from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.trainer import Trainer
+
+PROMPTS = ["The model", "Training runs on one machine or many while the loss", "A"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+def lm(tiny_data, tmp_path_factory):
     from mtnlg.config import load_config
 
     out = tmp_path_factory.mktemp("gen") / "run"
     cfg = load_config(
         None,
-        [f"--train.data={tiny_data}", f"--train.out_dir={out}", "--train.max_steps=150", "--train.lr=3e-3", "--train.warmup_steps=10",
-         "--train.tensorboard=false", "--train.progress=false", "--train.eval_interval=0"],
+        [f"--train.data={tiny_data}", f"--train.out_dir={out}", "--train.max_steps=150", "--train.lr=3e-3",
+         "--train.warmup_steps=10", "--train.tensorboard=false", "--train.progress=false", "--train.eval_interval=0"],
     )
     Trainer(cfg).fit()
-    return load_model(out)
+    return mtnlg.load(out, "cpu")
 
 
-def test_generation_from_a_trained_checkpoint(trained):
-    model, tokenizer, _ = trained
-    text = generate_text(model, tokenizer, "The model", Sampling(max_new_tokens=30, temperature=0))
-    words = text.split()
-    assert len(words) >= 5
-    known = set(w.strip(".").lower() for w in " ".join(["the a model learns to predict next token"]).split())
-    assert any(w.strip(".").lower() in known for w in words)  # it learned the corpus vocabulary
+def greedy(lm, prompts, **kw):
+    return lm.generate(prompts, temperature=0, max_new_tokens=kw.pop("max_new_tokens", 12), **kw)
 
 
-def test_same_seed_same_text_and_stream_equals_whole(trained):
-    model, tokenizer, _ = trained
-    params = Sampling(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)
-    first = generate_text(model, tokenizer, "Training", params)
-    assert first == generate_text(model, tokenizer, "Training", params)
-    assert "".join(stream_text(model, tokenizer, "Training", params)) == first
+def test_generation_from_a_trained_checkpoint(lm):
+    text = greedy(lm, "The model", max_new_tokens=30)[0].text
+    words = [w.strip(".").lower() for w in text.split()]
+    assert len(words) >= 5 and set(words) & {"the", "a", "model", "learns", "to", "predict", "loss"}
 
 
-def test_greedy_matches_argmax_of_full_forward(trained):
-    model, tokenizer, _ = trained
-    prompt = tokenizer.encode("The loss falls")
-    ids = list(generate_ids(model, prompt, Sampling(max_new_tokens=8, temperature=0)))
+def test_greedy_matches_argmax_of_full_forward(lm):
+    prompt = lm.tokenizer.encode("The loss falls")
+    ids = greedy(lm, "The loss falls", max_new_tokens=8)[0].token_ids
     sequence = list(prompt)
     for _ in range(8):
-        sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
+        sequence.append(int(lm.model(torch.tensor([sequence]))[0, -1].argmax()))
     assert ids == sequence[len(prompt) :]
 
 
-def test_overlong_prompt_is_refused(trained):
-    model, _, _ = trained
-    with pytest.raises(MtnlgError, match="the prompt has 64 tokens but the model's context is 64"):
-        list(generate_ids(model, [1] * 64, Sampling()))
+def test_a_prompt_generates_the_same_alone_and_in_a_mixed_batch(lm):
+    together = greedy(lm, PROMPTS, max_new_tokens=16)
+    assert len({len(lm.tokenizer.encode(p)) for p in PROMPTS}) == 3  # really mixed lengths
+    for prompt, completion in zip(PROMPTS, together):
+        assert greedy(lm, prompt, max_new_tokens=16)[0].token_ids == completion.token_ids
+    sampled = lm.generate(PROMPTS, max_new_tokens=16, seed=3, temperature=1.0)
+    assert lm.generate(PROMPTS[1], max_new_tokens=16, seed=3, temperature=1.0)[0].text == sampled[1].text
 
 
-def test_top_k_and_top_p_filtering():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+def test_seeds_reproduce_and_n_samples_differ(lm):
+    first = lm.generate("Training", max_new_tokens=20, top_p=0.9, seed=7)[0].text
+    assert lm.generate("Training", max_new_tokens=20, top_p=0.9, seed=7)[0].text == first
+    samples = lm.generate(["Training", "The"], max_new_tokens=20, top_p=0.9, seed=7, n=3)
+    assert [c.index for c in samples] == [0, 0, 0, 1, 1, 1]
+    assert samples[0].text == first and len({c.text for c in samples[:3]}) > 1
+
+
+def test_stop_strings_and_stop_ids(lm):
+    free = greedy(lm, "The model", max_new_tokens=30, ignore_eos=True)[0]
+    stop = free.text.split()[2]
+    cut = greedy(lm, "The model", max_new_tokens=30, stop=[stop], ignore_eos=True)[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+    assert "".join(lm.stream("The model", temperature=0, max_new_tokens=30, stop=[stop], ignore_eos=True)) == cut.text
+    first = free.token_ids[0]
+    stopped = greedy(lm, "The model", stop_token_ids=[first])[0]
+    assert (stopped.text, stopped.token_ids, stopped.finish_reason) == ("", [], "stop")
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+
+
+def test_echo_logprobs_and_score_agree(lm):
+    # score() reads each text as a document start, after EOD: prompt the same way to compare
+    c = greedy(lm, "<|endoftext|>The model", max_new_tokens=6, echo=True, logprobs=3, ignore_eos=True)[0]
+    assert c.text.startswith("<|endoftext|>The model") and len(c.logprobs) == len(c.top_logprobs) == 6
+    for chosen, top in zip(c.logprobs, c.top_logprobs):
+        assert len(top) == 3 and chosen == pytest.approx(max(top.values()))
+    prompt_ids = lm.tokenizer.encode("The model")
+    scored = lm.score(lm.tokenizer.decode(prompt_ids + c.token_ids))[0]
+    assert scored.token_ids == prompt_ids + c.token_ids
+    torch.testing.assert_close(torch.tensor(scored.logprobs[len(prompt_ids) :]), torch.tensor(c.logprobs), atol=1e-4, rtol=0)
+    assert scored.total == pytest.approx(sum(scored.logprobs)) and scored.total < 0
+
+
+def test_score_batches_texts_of_different_lengths(lm):
+    texts = ["The model learns.", "A", "Loss falls slowly as steps pass through batches of samples."]
+    together = score(lm.model, lm.tokenizer, texts)
+    for text, s in zip(texts, together):
+        alone = score(lm.model, lm.tokenizer, [text])[0]
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
+
+
+def test_overlong_prompts_are_refused_or_truncated(lm):
+    long = "the model " * 60
+    with pytest.raises(MtnlgError, match=r"the prompt has \d+ tokens but the model's context is 64"):
+        lm.generate(long)
+    c = greedy(lm, long, max_new_tokens=10, truncate=True, ignore_eos=True)[0]
+    assert c.prompt_tokens == 54 and len(c.token_ids) == 10
+
+
+def test_presence_penalty_stops_repeats(lm):
+    ids = greedy(lm, "The model", max_new_tokens=20, presence_penalty=1e4, ignore_eos=True)[0].token_ids
+    assert len(set(ids)) == len(ids) == 20
+    assert len(set(greedy(lm, "The model", max_new_tokens=20, ignore_eos=True)[0].token_ids)) < 20
+
+
+def test_penalties_by_hand():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    counts = torch.tensor([[2.0, 0.0, 1.0, 0.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = penalize(logits, Sampling(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25), counts, seen)
+    assert out.tolist() == [[2.0 / 2 - 0.5 - 0.5, -4.0, 1.0 - 0.5 - 0.25, 0.5]]
+
+
+def test_top_k_top_p_min_p_filtering():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])  # probabilities about .64, .24, .09, .03
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
-    probs = logits.softmax(-1)[0]  # about .64, .24, .09, .03
-    assert probs[0] < 0.7 < probs[0] + probs[1]
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+    assert torch.isinf(filter_logits(logits, min_p=0.1)).tolist() == [[False, False, False, True]]
+    with pytest.raises(MtnlgError, match="0 < top_p <= 1"):
+        Sampling(top_p=0)
+
+
+class TableModel(torch.nn.Module):
+    """A stand-in model whose next-token log-probabilities come from a table: by the last token, or
+    (script mode) by the number of tokens generated so far."""
+
+    def __init__(self, vocab: int, table: torch.Tensor, prompt_len: int = 0, scripted: bool = False):
+        super().__init__()
+        self.cfg = ModelConfig.from_name("tiny", vocab_size=vocab)
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+        self.prompt_len, self.scripted = prompt_len, scripted
+
+    def forward(self, tokens, positions=None, cache=None):
+        start = cache.length
+        cache.advance(tokens.size(1))
+        if not self.scripted:
+            return self.table[tokens]
+        steps = torch.arange(start, start + tokens.size(1)) - (self.prompt_len - 1)
+        return self.table[steps.clamp(0, len(self.table) - 1)].expand(tokens.size(0), -1, -1)
+
+
+def _five(*taken):
+    return [t for t in range(300, 320) if t not in taken][:5]
+
+
+def test_beam_search_finds_the_best_sequence_greedy_misses(tiny_data):
+    tokenizer = Tokenizer.load(tiny_data.parent)
+    V, (P,) = 512, tokenizer.encode("A")
+    A, B, X, Y, Z = _five(P, tokenizer.eod_id)
+    table = torch.full((V, V), -30.0)
+    table[[X, Y, Z], tokenizer.eod_id] = 0.0  # after two tokens the text ends
+    table[P, [A, B]] = torch.tensor([0.6, 0.4]).log()
+    table[A, [X, Y, Z]] = torch.tensor([0.4, 0.3, 0.3]).log()
+    table[B, [X, Y]] = torch.tensor([0.9, 0.1]).log()
+    model = TableModel(V, table.log_softmax(-1))
+    prompt = tokenizer.decode([P])
+    assert tokenizer.encode(prompt) == [P]
+    greedy_ids = generate(model, tokenizer, [prompt], Sampling(temperature=0, max_new_tokens=5))[0].token_ids
+    assert greedy_ids == [A, X]  # 0.6 * 0.4 = 0.24
+    beams = generate(model, tokenizer, [prompt], Sampling(num_beams=2, n=2, max_new_tokens=5, length_penalty=0))
+    assert [b.token_ids for b in beams] == [[B, X], [A, X]]  # 0.4 * 0.9 = 0.36 beats 0.24
+    assert beams[0].finish_reason == "stop"
+
+
+def test_streaming_never_splits_a_character(tiny_data):
+    tokenizer = Tokenizer.load(tiny_data.parent)
+    target = "héllo 🙂 wörld ✓"
+    script = tokenizer.encode(target)
+    assert any("\ufffd" in tokenizer.decode([t]) for t in script)  # some character spans tokens
+    table = torch.full((len(script) + 1, 512), -30.0)
+    table[torch.arange(len(script)), script] = 0.0
+    table[len(script), tokenizer.eod_id] = 0.0
+    prompt = tokenizer.encode("A")
+    model = TableModel(512, table, prompt_len=len(prompt), scripted=True)
+    params = Sampling(temperature=0, max_new_tokens=40)
+    deltas = list(stream(model, tokenizer, "A", params))
+    assert "".join(deltas) == target == generate(model, tokenizer, ["A"], params)[0].text
+    assert all("\ufffd" not in d for d in deltas) and len(deltas) > 3
+
+
+def test_partial_stop_strings_are_held_back():
+    assert _safe_length("abc STO", ["STOP"]) == 4
+    assert _safe_length("abc \ufffd", []) == 4
+    assert _safe_length("abc", ["STOP"]) == 3

@@ -1,1 +1,51 @@
-"""mtnlg: GPT training the Megatron-Turing NLG way, in plain PyTorch."""
+"""mtnlg: GPT training the Megatron-Turing NLG way, in plain PyTorch.
+
+    import mtnlg
+    m = mtnlg.load("runs/demo/run")
+    m.generate(["The list type"], max_new_tokens=20, temperature=0)[0].text
+    for delta in m.stream("To open a file", max_new_tokens=40): print(delta, end="")
+    m.score(["A sentence to score."])[0].total
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__version__ = "0.1.0"
+
+
+class LanguageModel:
+    """A checkpoint ready for inference: the model, its tokenizer and config, on one device."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: Any):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+
+    def generate(self, prompts: str | Sequence[str], **sampling: Any) -> list:
+        """Completions (`mtnlg.inference.generate.Completion`), `n` per prompt, prompt-major."""
+        from mtnlg.inference.generate import Sampling, generate
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return generate(self.model, self.tokenizer, prompts, Sampling(**sampling))
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        from mtnlg.inference.generate import Sampling, stream
+
+        return stream(self.model, self.tokenizer, prompt, Sampling(**sampling))
+
+    def score(self, texts: str | Sequence[str]) -> list:
+        """Per-token log-likelihoods (`Scored`) of each text."""
+        from mtnlg.inference.generate import score
+
+        return score(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts))
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> LanguageModel:
+    """Load a checkpoint, run directory or imported model; on CUDA when available unless told otherwise."""
+    from mtnlg.train.checkpoint import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return LanguageModel(*load_model(path, device))

@@ -65,16 +65,109 @@ def _config_path(name: str) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from mtnlg.inference.generate import Sampling, stream_text
-    from mtnlg.train.checkpoint import load_model
+    import json
 
-    params = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    model, tokenizer, _ = load_model(args.checkpoint)
-    sys.stdout.write(args.prompt)
-    for delta in stream_text(model, tokenizer, args.prompt, params):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    import mtnlg
+
+    params = _sampling(args)
+    prompts = list(args.prompt or []) + (_read_prompts(Path(args.prompts_file)) if args.prompts_file else [])
+    if not prompts:
+        raise MtnlgError("nothing to generate from; pass --prompt TEXT or --prompts-file FILE")
+    model = mtnlg.load(args.checkpoint, args.device)
+    if not args.json and len(prompts) == 1 and params.get("n", 1) == 1 and params.get("num_beams", 1) == 1:
+        sys.stdout.write("" if params.get("echo") else prompts[0])
+        for delta in model.stream(prompts[0], **params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for completion in model.generate(prompts, **params):
+        if args.json:
+            print(json.dumps({"prompt": prompts[completion.index], **vars(completion)}, ensure_ascii=False))
+        else:
+            print(f"--- prompt {completion.index} ({completion.finish_reason})\n{prompts[completion.index]}{completion.text}")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """One prompt per line; a .jsonl line is a JSON string or an object with a "prompt" field."""
+    import json
+
+    if not path.is_file():
+        raise MtnlgError(f"{path}: no such prompts file; pass a text file with one prompt per line, or .jsonl")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            raise MtnlgError(f"{path}:{number}: invalid JSON ({e}); fix the line") from None
+        value = value.get("prompt") if isinstance(value, dict) else value
+        if not isinstance(value, str):
+            raise MtnlgError(f'{path}:{number}: expected a string or {{"prompt": "..."}}; fix the line')
+        prompts.append(value)
+    return prompts
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """A quick try in the terminal: the transcript so far is the prompt of each reply."""
+    import mtnlg
+
+    model = mtnlg.load(args.checkpoint, args.device)
+    params = {**_sampling(args), "truncate": True, "stop": ["\nUser:"]}
+    transcript = ""
+    print("mtnlg chat: type a message, an empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            message = input("User: ").strip()
+        except EOFError:
+            break
+        if not message or message in ("exit", "quit"):
+            break
+        transcript += f"User: {message}\nAssistant:"
+        sys.stdout.write("Assistant:")
+        reply = ""
+        for delta in model.stream(transcript, **params):
+            reply += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        transcript += reply + "\n"
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+    p.add_argument("checkpoint", help="a run directory, checkpoint directory or imported model")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-document token")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+_SAMPLING_ARGS = (
+    "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "seed", "n", "num_beams", "length_penalty", "logprobs",
+    "echo", "truncate",
+)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    from mtnlg.inference.generate import Sampling
+
+    params = {name: getattr(args, name) for name in _SAMPLING_ARGS if hasattr(args, name)}
+    Sampling(**params)  # a bad setting fails here, before the model loads
+    return params
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -137,15 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.set_defaults(handler=cmd_train)
 
-    p = verbs.add_parser("generate", help="continue a prompt from a checkpoint or run directory")
-    p.add_argument("checkpoint")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int)
+    p = verbs.add_parser("generate", help="continue prompts from a checkpoint or run directory")
+    _add_sampling_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line, or .jsonl of strings / {\"prompt\": ...}")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--logprobs", type=int, help="report log-probabilities with the top N alternatives")
+    p.add_argument("--echo", action="store_true", help="include the prompt in the output text")
+    p.add_argument("--truncate", action="store_true", help="cut overlong prompts from the left")
+    p.add_argument("--json", action="store_true", help="one JSON object per completion")
     p.set_defaults(handler=cmd_generate)
+
+    p = verbs.add_parser("chat", help="talk to a model in the terminal")
+    _add_sampling_args(p, temperature=0.7)
+    p.set_defaults(handler=cmd_chat)
 
     p = verbs.add_parser("info", help="parameters, FLOPs per token and training memory of a model")
     p.add_argument("--model", required=True, help="a preset name (gpt2, mt-nlg-530b, ...) or a checkpoint")

@@ -13,7 +13,7 @@ from mtnlg.config import load_config
 from mtnlg.data.corpus import build_default_corpus
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.data.prepare import prepare, read_documents
-from mtnlg.inference.generate import Sampling, generate_text
+from mtnlg.inference.generate import Sampling, generate
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.checkpoint import load_model
 from mtnlg.train.metrics import plot_losses
@@ -57,6 +57,6 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> None:
     print(f"loss curve: {plot_losses(config.train.out_dir)}")
     model, tokenizer, _ = load_model(config.train.out_dir)
     print("[4/4] completions (temperature 0.7, top-p 0.9):")
-    for prompt in PROMPTS:
-        text = generate_text(model, tokenizer, prompt, Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0))
-        print(f"  {prompt!r} -> {text!r}")
+    params = Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)
+    for prompt, completion in zip(PROMPTS, generate(model, tokenizer, PROMPTS, params)):
+        print(f"  {prompt!r} -> {completion.text!r}")

@@ -1,4 +1,8 @@
-"""Preallocated key/value cache: generation appends one step at a time without reallocating."""
+"""Preallocated key/value cache: generation appends one step at a time without reallocating.
+
+It also remembers which cached positions are left padding, so a batch of prompts of different
+lengths decodes exactly as each prompt would alone.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,14 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.padded = False
         self.length = 0
+
+    def set_padding(self, valid: torch.Tensor) -> None:
+        """Mark the next valid.size(1) positions: False where a row is left padding."""
+        self.valid[:, self.length : self.length + valid.size(1)] = valid
+        self.padded = self.padded or not bool(valid.all())
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for one layer; return all keys/values so far."""
@@ -26,10 +37,19 @@ class KVCache:
     def advance(self, steps: int) -> None:
         self.length += steps
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the given batch rows (in that order): beam search follows its surviving beams."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+
     def causal_mask(self, steps: int) -> torch.Tensor | None:
-        """Mask for `steps` new queries over all cached keys; None when every key is visible (one new token)."""
-        if steps == 1:
+        """Boolean mask of `steps` new queries over all cached keys; None when every key is visible."""
+        if steps == 1 and not self.padded:
             return None
         end = self.length + steps
         queries = torch.arange(self.length, end, device=self.k.device)[:, None]
-        return torch.arange(end, device=self.k.device)[None, :] <= queries
+        keys = torch.arange(end, device=self.k.device)[None, :]
+        mask = keys <= queries
+        if self.padded:
+            # A padding query still sees itself, so no row of the softmax is empty (which would give NaN).
+            mask = (mask & self.valid[:, None, None, :end]) | (keys == queries)
+        return mask
