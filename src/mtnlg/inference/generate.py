@@ -80,8 +80,9 @@ class _Row:
     top: list[dict[str, float]] = field(default_factory=list)
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, params: Sampling) -> list[int]:
-    ids = tokenizer.encode(prompt)
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], context: int, params: Sampling) -> list[int]:
+    """A prompt is text, or token ids as they are."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         raise MtnlgError("the prompt is empty; pass some text to continue")
     if len(ids) >= context:
@@ -241,7 +242,9 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
     return rows
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], params: Sampling) -> list[Completion]:
+def generate(
+    model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]], params: Sampling
+) -> list[Completion]:
     """Complete every prompt `params.n` times; results are prompt-major (index tells the prompt)."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p, model.cfg.max_seq_len, params) for p in prompts]
@@ -257,7 +260,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], params: S
         prompt_index = i // params.n
         completions.append(
             Completion(
-                text=(prompts[prompt_index] + text) if params.echo else text,
+                text=(tokenizer.decode(row.prompt) + text) if params.echo else text,
                 token_ids=row.ids,
                 finish_reason=row.finish,
                 prompt_tokens=len(row.prompt),
