@@ -81,3 +81,15 @@ def test_load_errors(tmp_path):
 def test_vocab_too_small():
     with pytest.raises(MtnlgError, match="too small"):
         Tokenizer.train(TEXTS, vocab_size=100)
+
+
+def test_an_imported_end_token_serves_as_eod_without_growing_the_vocab():
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    from mtnlg.tokenizer import Tokenizer
+
+    tok = tokenizers.Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "</s>": 2}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    llama_like = Tokenizer(tok)
+    assert (llama_like.eod_id, llama_like.vocab_size) == (2, 3)

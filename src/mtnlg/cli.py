@@ -196,6 +196,18 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(plot_losses(args.run, args.output))
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from mtnlg.interop.hf import import_hf
+
+    print(f"wrote mtnlg checkpoint {import_hf(args.src, args.dst, force=args.force)} from {args.src}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mtnlg.interop.hf import export_hf
+
+    print(f"wrote Hugging Face model {export_hf(args.src, args.dst, force=args.force)} (load it with from_pretrained)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mtnlg.demo import run_demo
 
@@ -251,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a preset name (gpt2, mt-nlg-530b, ...) or a checkpoint")
     p.add_argument("--seq-len", type=int, default=0, help="sequence length for attention FLOPs")
     p.set_defaults(handler=cmd_info)
+
+    for verb, handler, what in (
+        ("import", cmd_import, "a Hugging Face model folder (GPT-2, Llama) -> mtnlg checkpoint"),
+        ("export", cmd_export, "an mtnlg checkpoint or run -> Hugging Face model folder (GPT-2 or Llama)"),
+    ):
+        p = verbs.add_parser(verb, help=what)
+        p.add_argument("format", choices=["hf"], help="hf: Hugging Face transformers (save_pretrained layout)")
+        p.add_argument("src", metavar="SRC")
+        p.add_argument("dst", metavar="DST")
+        p.add_argument("--force", action="store_true", help="replace DST if it exists and is not empty")
+        p.set_defaults(handler=handler)
 
     p = verbs.add_parser("plot", help="draw a run's loss curves to a PNG")
     p.add_argument("run")

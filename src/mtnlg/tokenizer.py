@@ -10,6 +10,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from mtnlg.errors import MtnlgError
 
 EOD = "<|endoftext|>"
+FOREIGN_EODS = ("</s>", "<|end_of_text|>")  # end tokens of imported tokenizers that play EOD's part
 
 
 class Tokenizer:
@@ -81,10 +82,13 @@ class Tokenizer:
 
     @property
     def eod_id(self) -> int:
-        """The end-of-document id; a tokenizer that lacks EOD gets it as a new special token (vocab_size grows)."""
+        """The end-of-document id: GPT-2's EOD, else an imported model's own end token (Llama's `</s>`,
+        Llama 3's `<|end_of_text|>`); a tokenizer with none gets EOD as a new special token (vocab_size grows)."""
         if self._eod_id is None:
-            self._tok.add_special_tokens([EOD])  # no-op when already special; never split afterwards
-            self._eod_id = self._tok.token_to_id(EOD)
+            known = [t for t in (EOD, *FOREIGN_EODS) if self._tok.token_to_id(t) is not None]
+            token = known[0] if known else EOD
+            self._tok.add_special_tokens([token])  # no-op when already special; never split afterwards
+            self._eod_id = self._tok.token_to_id(token)
         return self._eod_id
 
 

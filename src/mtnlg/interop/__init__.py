@@ -1,0 +1,1 @@
+"""Bridges between mtnlg checkpoints and other frameworks' formats (Hugging Face: interop.hf)."""
