@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from mtnlg.config import ModelConfig
+from mtnlg.inference.cpu import pack_for_cpu_inference
 from mtnlg.inference.generate import Sampling, generate
 from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
@@ -58,10 +59,11 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("gpt2", vocab_size=50257)
     ours = GPT(cfg).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) - cfg.max_seq_len * cfg.d_model * 4
+    pack_for_cpu_inference(ours)  # what mtnlg.load does on CPU
     hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12)).eval()
     tokenizer = Tokenizer.train(["benchmark"], 300)
     params = Sampling(temperature=0, max_new_tokens=args.new, ignore_eos=True)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) - cfg.max_seq_len * cfg.d_model * 4
     bandwidth = measure_bandwidth()
     floor = weight_bytes / bandwidth
 

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -190,3 +188,19 @@ def test_partial_stop_strings_are_held_back():
     assert _safe_length("abc STO", ["STOP"]) == 4
     assert _safe_length("abc \ufffd", []) == 4
     assert _safe_length("abc", ["STOP"]) == 3
+
+
+def test_packed_cpu_inference_matches_the_plain_model(tiny_data):
+    import copy
+
+    from mtnlg.inference.cpu import PackedLinear, pack_for_cpu_inference
+    from mtnlg.model.gpt import GPT
+
+    torch.manual_seed(0)
+    for name in ("tiny", "llama-tiny"):
+        plain = GPT(ModelConfig.from_name(name)).eval()
+        packed = pack_for_cpu_inference(copy.deepcopy(plain))
+        assert isinstance(packed.blocks["0"].attn.q_proj, PackedLinear)
+        x = torch.randint(0, 512, (3, 20))
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)

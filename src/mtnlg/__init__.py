@@ -44,8 +44,11 @@ class LanguageModel:
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> LanguageModel:
-    """Load a checkpoint, run directory or imported model; on CUDA when available unless told otherwise."""
+    """Load a checkpoint, run directory or imported model for inference; on CUDA when available unless
+    told otherwise, and on CPU with weights packed for fast matrix-vector products."""
+    from mtnlg.inference.cpu import pack_for_cpu_inference
     from mtnlg.train.checkpoint import load_model
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return LanguageModel(*load_model(path, device))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, config = load_model(path, device)
+    return LanguageModel(pack_for_cpu_inference(model) if device.type == "cpu" else model, tokenizer, config)

@@ -10,9 +10,7 @@ from. The files are read and written directly, so neither direction needs `trans
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from mtnlg.config import Config, ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import EOD, Tokenizer
-from mtnlg.train.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from mtnlg.train.checkpoint import atomic_directory, load_model, resolve_checkpoint, save_checkpoint
 
 # (HF module, the mtnlg modules it holds, weight stored transposed as [in, out]); "{i}" repeats per layer.
 # Each row covers `.weight` and, where the model has them, `.bias`. A fused HF module (GPT-2's c_attn)
@@ -203,19 +201,11 @@ def export_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
         "model_max_length": config.model.max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(dst) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         tokenizer.save(tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
