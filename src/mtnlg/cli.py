@@ -190,6 +190,19 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"               at least {gpus:,} GPU{'s' if gpus > 1 else ''} of 80 GiB for the training state alone")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from mtnlg.config import ModelConfig
+    from mtnlg.parallel.planner import MATMUL_EFFICIENCY, format_plan, plan
+
+    tokens = args.tokens or (270e9 if args.model == "mt-nlg-530b" else 300e9)
+    efficiency = args.efficiency or MATMUL_EFFICIENCY
+    layouts = plan(
+        ModelConfig.from_name(args.model), args.gpus, args.gpu, args.global_batch, args.seq, tokens=tokens,
+        micro_batch=args.micro_batch, tp=args.tp, pp=args.pp, zero1=args.zero1, efficiency=efficiency,
+    )
+    print(format_plan(layouts, args.gpu, limit=None if args.all else 10, efficiency=efficiency, zero1=args.zero1))
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from mtnlg.train.metrics import plot_losses
 
@@ -274,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dst", metavar="DST")
         p.add_argument("--force", action="store_true", help="replace DST if it exists and is not empty")
         p.set_defaults(handler=handler)
+
+    p = verbs.add_parser("plan", help="which tensor x pipeline x data layouts fit a model on a cluster, and how fast")
+    p.add_argument("--model", required=True, help="a preset name (gpt2, mt-nlg-530b, ...)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu", required=True, help="a100-80g, h100 or h200")
+    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    p.add_argument("--seq", type=int, required=True, help="sequence length")
+    p.add_argument("--tokens", type=float, help="tokens to train (default 270e9 for mt-nlg-530b, else 300e9)")
+    p.add_argument("--micro-batch", type=int, help="only this micro-batch size (default: try 1, 2, 4, 8)")
+    p.add_argument("--tp", type=int, help="only this tensor-parallel size")
+    p.add_argument("--pp", type=int, help="only this pipeline-parallel size")
+    p.add_argument("--zero1", action="store_true", help="shard the optimizer state over data-parallel replicas")
+    p.add_argument("--efficiency", type=float, help="assumed fraction of peak reached on matmuls (default 0.55)")
+    p.add_argument("--all", action="store_true", help="show every feasible layout, not the 10 fastest")
+    p.set_defaults(handler=cmd_plan)
 
     p = verbs.add_parser("plot", help="draw a run's loss curves to a PNG")
     p.add_argument("run")

@@ -47,6 +47,11 @@ def _block_vector_params(cfg: ModelConfig) -> int:
     return biases + 2 * _norm_params(cfg)
 
 
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block (what a pipeline stage holds per layer)."""
+    return _block_matmul_params(cfg) + _block_vector_params(cfg)
+
+
 def model_size(cfg: ModelConfig, seq_len: int | None = None) -> ModelSize:
     """Count parameters and FLOPs; attention FLOPs use `seq_len` (default: max_seq_len), causal mask ignored."""
     d, L = cfg.d_model, cfg.n_layer
@@ -54,7 +59,7 @@ def model_size(cfg: ModelConfig, seq_len: int | None = None) -> ModelSize:
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     embedding = cfg.vocab_size * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0) + head
     matmul = L * _block_matmul_params(cfg) + cfg.vocab_size * d
-    params = L * (_block_matmul_params(cfg) + _block_vector_params(cfg)) + _norm_params(cfg) + embedding
+    params = L * block_params(cfg) + _norm_params(cfg) + embedding
     # 2 FLOPs per multiply-add forward, twice that backward; QK^T and AV add 2 * 2 * seq * d per layer.
     flops = 3 * (2 * matmul + 4 * L * seq_len * cfg.n_head * cfg.head_dim)
     return ModelSize(params=params, embedding_params=embedding, matmul_params=matmul, flops_per_token=flops)
