@@ -186,12 +186,57 @@ class TrainConfig:
         _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+
+
+@dataclass
+class ParallelConfig:
+    """How a run spreads over processes: tp x pp x dp_shard x dp_replicate must equal the world size.
+
+    tp: tensor parallel (Megatron column/row splits of every block, vocabulary-parallel embedding and loss);
+    sequence_parallel: also split norms and dropout along the sequence inside the tp group;
+    pp: pipeline stages; dp_shard: FSDP (ZeRO-3) sharding; dp_replicate: DDP replicas (HSDP with dp_shard).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    sequence_parallel: bool = True
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
+    microbatches: int = 1  # pipeline micro-batches per step; a multiple of pp
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp_shard * self.dp_replicate
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "dp_shard", "dp_replicate", "microbatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MtnlgError(f"parallel.{name} must be a positive integer, got {value!r}")
+        _check_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        if self.microbatches % self.pp:
+            raise MtnlgError(
+                f"parallel.microbatches ({self.microbatches}) must be a multiple of parallel.pp ({self.pp}) "
+                f"so every pipeline stage stays busy; try {self.pp * max(1, self.microbatches // self.pp)}"
+            )
+
+
+SECTIONS = ("model", "train", "parallel")
+_SECTIONS_TEXT = "sections are [model], [train] and [parallel]"
+
+
 @dataclass
 class Config:
-    """A whole run: `[model]` (with an optional `preset`) and `[train]` sections."""
+    """A whole run: `[model]` (with an optional `preset`), `[train]` and `[parallel]` sections."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,15 +244,19 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         data = json.loads(json.dumps(data))  # a deep copy we may edit
-        unknown = set(data) - {"model", "train"}
+        unknown = set(data) - set(SECTIONS)
         if unknown:
-            raise MtnlgError(f"unknown config section [{sorted(unknown)[0]}]; sections are [model] and [train]")
+            raise MtnlgError(f"unknown config section [{sorted(unknown)[0]}]; {_SECTIONS_TEXT}")
         model = data.get("model", {})
         preset = model.pop("preset", "tiny")
         if preset not in PRESETS:
             raise MtnlgError(f"unknown model preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         model_values = {**PRESETS[preset], **_typed(ModelConfig, "model", model)}
-        return cls(model=ModelConfig(**model_values), train=TrainConfig(**_typed(TrainConfig, "train", data.get("train", {}))))
+        return cls(
+            model=ModelConfig(**model_values),
+            train=TrainConfig(**_typed(TrainConfig, "train", data.get("train", {}))),
+            parallel=ParallelConfig(**_typed(ParallelConfig, "parallel", data.get("parallel", {}))),
+        )
 
 
 def _typed(cls: type, section: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +324,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise MtnlgError(f"{path}: invalid TOML ({e}); fix the file") from None
     for section, values in parse_overrides(overrides or []).items():
         if not isinstance(data.get(section, {}), dict):
-            raise MtnlgError(f"{section} is not a config section; sections are [model] and [train]")
+            raise MtnlgError(f"{section} is not a config section; {_SECTIONS_TEXT}")
         data.setdefault(section, {}).update(values)
     return Config.from_dict(data)
