@@ -74,12 +74,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not prompts:
         raise MtnlgError("nothing to generate from; pass --prompt TEXT or --prompts-file FILE")
     model = mtnlg.load(args.checkpoint, args.device)
-    if not args.json and len(prompts) == 1 and params.get("n", 1) == 1 and params.get("num_beams", 1) == 1:
-        sys.stdout.write("" if params.get("echo") else prompts[0])
-        for delta in model.stream(prompts[0], **params):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    if not args.json and len(prompts) == 1 and args.n == 1 and args.num_beams == 1:
+        sys.stdout.write("" if args.echo else prompts[0])
+        _print_stream(model, prompts[0], params)
         return
     for completion in model.generate(prompts, **params):
         if args.json:
@@ -129,13 +126,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         transcript += f"User: {message}\nAssistant:"
         sys.stdout.write("Assistant:")
-        reply = ""
-        for delta in model.stream(transcript, **params):
-            reply += delta
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        transcript += reply + "\n"
+        transcript += _print_stream(model, transcript, params) + "\n"
+
+
+def _print_stream(model, prompt: str, params: dict) -> str:
+    """Write the completion to the terminal as it arrives, then a newline; return its text."""
+    text = ""
+    for delta in model.stream(prompt, **params):
+        text += delta
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return text
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
@@ -155,17 +157,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> 
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
-_SAMPLING_ARGS = (
-    "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "seed", "n", "num_beams", "length_penalty", "logprobs",
-    "echo", "truncate",
-)
-
-
 def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling settings among the parsed arguments (option names follow Sampling's fields)."""
+    from dataclasses import fields
+
     from mtnlg.inference.generate import Sampling
 
-    params = {name: getattr(args, name) for name in _SAMPLING_ARGS if hasattr(args, name)}
+    params = {f.name: getattr(args, f.name) for f in fields(Sampling) if hasattr(args, f.name)}
     Sampling(**params)  # a bad setting fails here, before the model loads
     return params
 

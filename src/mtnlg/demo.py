@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+import mtnlg
 from mtnlg.config import load_config
 from mtnlg.data.corpus import build_default_corpus
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.data.prepare import prepare, read_documents
-from mtnlg.inference.generate import Sampling, generate
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import load_model
 from mtnlg.train.metrics import plot_losses
 from mtnlg.train.trainer import Trainer
 
@@ -55,8 +54,7 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> None:
     print(f"final validation loss      {result.val_loss:.3f} nats/token (perplexity {math.exp(result.val_loss):.1f})")
     print(f"unigram entropy of val set {entropy:.3f} nats/token: the model is {entropy - result.val_loss:.2f} nats better")
     print(f"loss curve: {plot_losses(config.train.out_dir)}")
-    model, tokenizer, _ = load_model(config.train.out_dir)
+    model = mtnlg.load(config.train.out_dir)
     print("[4/4] completions (temperature 0.7, top-p 0.9):")
-    params = Sampling(max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)
-    for prompt, completion in zip(PROMPTS, generate(model, tokenizer, PROMPTS, params)):
+    for prompt, completion in zip(PROMPTS, model.generate(PROMPTS, max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)):
         print(f"  {prompt!r} -> {completion.text!r}")

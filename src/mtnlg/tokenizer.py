@@ -76,6 +76,10 @@ class Tokenizer:
         # Special tokens are kept so that decode(encode(s)) == s even when s contains EOD literally.
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token written out in full (e.g. a special token), or None if the vocabulary lacks it."""
+        return self._tok.token_to_id(token)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -85,7 +89,7 @@ class Tokenizer:
         """The end-of-document id: GPT-2's EOD, else an imported model's own end token (Llama's `</s>`,
         Llama 3's `<|end_of_text|>`); a tokenizer with none gets EOD as a new special token (vocab_size grows)."""
         if self._eod_id is None:
-            known = [t for t in (EOD, *FOREIGN_EODS) if self._tok.token_to_id(t) is not None]
+            known = [t for t in (EOD, *FOREIGN_EODS) if self.token_id(t) is not None]
             token = known[0] if known else EOD
             self._tok.add_special_tokens([token])  # no-op when already special; never split afterwards
             self._eod_id = self._tok.token_to_id(token)

@@ -18,7 +18,6 @@ from typing import Any
 
 import safetensors
 import safetensors.torch
-import tokenizers
 import torch
 
 from mtnlg.config import Config, ModelConfig
@@ -181,7 +180,7 @@ def export_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
     for name, ours, transposed in _tensor_map(family, model):
         joined = torch.cat([state[n] for n in ours])
         tensors[name] = (joined.t() if transposed else joined).contiguous()
-    (bos, bos_id), (eos, eos_id) = _special_tokens(checkpoint / "tokenizer.json")
+    (bos, bos_id), (eos, eos_id) = _special_tokens(tokenizer)
     hf_config = {
         "architectures": [family.architectures[0]],
         "model_type": family.model_type,
@@ -344,12 +343,9 @@ def _export_family(cfg: ModelConfig, checkpoint: Path) -> Family:
     raise MtnlgError(f"{checkpoint}: the model ({have}) fits no Hugging Face architecture: {'; '.join(misfits)}")
 
 
-def _special_tokens(tokenizer_file: Path) -> tuple[tuple[str | None, int | None], tuple[str | None, int | None]]:
-    """(bos, eos) as (token, id): mtnlg's EOD ends documents and starts them too, as in GPT-2;
-    a tokenizer imported from Llama has <s> and </s> instead."""
-    tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-
-    def first(*tokens: str) -> tuple[str | None, int | None]:
-        return next(((t, tok.token_to_id(t)) for t in tokens if tok.token_to_id(t) is not None), (None, None))
-
-    return first("<s>", EOD), first(EOD, "</s>")
+def _special_tokens(tokenizer: Tokenizer) -> tuple[tuple[str | None, int | None], tuple[str, int]]:
+    """(bos, eos) as (token, id): eos is the tokenizer's end of document; mtnlg's EOD starts documents too,
+    as in GPT-2, while a tokenizer imported from Llama has <s> for that."""
+    eos_id = tokenizer.eod_id
+    bos = next((t for t in ("<s>", EOD) if tokenizer.token_id(t) is not None), None)
+    return (bos, tokenizer.token_id(bos) if bos else None), (tokenizer.decode([eos_id]), eos_id)

@@ -67,35 +67,26 @@ class ReplicateParallel(ParallelStyle):
 
 def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
     """The tensor-parallel plan of one transformer block, literally."""
-    if not sequence_parallel:
-        return {
-            "attn_norm": ReplicateParallel(),
-            "attn.q_proj": ColwiseParallel(),
-            "attn.k_proj": ColwiseParallel(),
-            "attn.v_proj": ColwiseParallel(),
-            "attn.o_proj": RowwiseParallel(),
-            "mlp_norm": ReplicateParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(),
-        }
-    return {
-        "attn_norm": SequenceParallel(),
-        # Attention(x, positions, mask, cache, layer): gather x's sequence back before the projections.
-        "attn": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None, None, None),
-            desired_input_layouts=(Replicate(), None, None, None, None),
-        ),
+    sp = sequence_parallel
+    out = Shard(1) if sp else Replicate()  # row-parallel outputs: reduce-scattered along the sequence, or all-reduced
+    plan: dict[str, ParallelStyle] = {
+        "attn_norm": SequenceParallel() if sp else ReplicateParallel(),
         "attn.q_proj": ColwiseParallel(),
         "attn.k_proj": ColwiseParallel(),
         "attn.v_proj": ColwiseParallel(),
-        "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-        "mlp_norm": SequenceParallel(),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "attn.o_proj": RowwiseParallel(output_layouts=out),
+        "mlp_norm": SequenceParallel() if sp else ReplicateParallel(),
         "mlp.up_proj": ColwiseParallel(),
         "mlp.gate_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "mlp.down_proj": RowwiseParallel(output_layouts=out),
     }
+    if sp:  # gather the sequence back before the projections; Attention(x, positions, mask, cache, layer)
+        plan["attn"] = PrepareModuleInput(
+            input_layouts=(Shard(1), None, None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None, None),
+        )
+        plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    return plan
 
 
 def apply_tp(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
