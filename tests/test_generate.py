@@ -5,6 +5,7 @@ import mtnlg
 from mtnlg.config import ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.inference.generate import Sampling, _safe_length, filter_logits, generate, penalize, score, stream
+from mtnlg.model.kv_cache import KVCache
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.trainer import Trainer
 
@@ -193,14 +194,21 @@ def test_partial_stop_strings_are_held_back():
 def test_packed_cpu_inference_matches_the_plain_model(tiny_data):
     import copy
 
-    from mtnlg.inference.cpu import PackedLinear, pack_for_cpu_inference
+    from mtnlg.inference.cpu import PackedLinear, Slice, pack_for_cpu_inference
     from mtnlg.model.gpt import GPT
 
     torch.manual_seed(0)
     for name in ("tiny", "llama-tiny"):
         plain = GPT(ModelConfig.from_name(name)).eval()
         packed = pack_for_cpu_inference(copy.deepcopy(plain))
-        assert isinstance(packed.blocks["0"].attn.q_proj, PackedLinear)
+        attn, mlp = packed.blocks["0"].attn, packed.blocks["0"].mlp
+        assert isinstance(attn.q_proj, Slice) and attn.q_proj.packed[0] is attn.v_proj.packed[0]  # one q/k/v product
+        assert isinstance(attn.o_proj, PackedLinear) and isinstance(packed.lm_head, PackedLinear)
+        assert isinstance(mlp.up_proj, Slice if name == "llama-tiny" else PackedLinear)
         x = torch.randint(0, 512, (3, 20))
         with torch.no_grad():
             torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+            # with a cache, one token at a time (the decode path), against the plain model's full forward
+            cache = KVCache(plain.cfg, 3, 20, "cpu", torch.float32)
+            steps = torch.cat([packed(x[:, :12], cache=cache)] + [packed(x[:, i : i + 1], cache=cache) for i in range(12, 20)], 1)
+            torch.testing.assert_close(steps, plain(x), atol=1e-5, rtol=1e-5)

@@ -2,8 +2,10 @@
 
 Decoding reads every weight once per token, so its speed is that of the matrix-vector product. On
 CPU, PyTorch's default fp32 linear streams weights at about a third of memory bandwidth for one or a
-few rows, while oneDNN's linear on pre-packed weights gets close to it (docs/benchmarks.md). Packing
-drops autograd, so it is for inference only; training never sees it.
+few rows; oneDNN's linear on weights pre-packed for small batches streams them at close to it
+(docs/benchmarks.md). Projections that read the same input (q, k, v; SwiGLU's gate and up) are packed
+into one matrix: one large product streams faster than three small ones. Packing drops autograd, so it
+is for inference only; training never sees it.
 """
 
 from __future__ import annotations
@@ -11,26 +13,68 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# oneDNN picks the packed layout for this many rows; 8 is also the fastest layout for one row (measured).
+PACK_FOR_ROWS = 8
+
 
 class PackedLinear(nn.Module):
-    """nn.Linear's forward on oneDNN-packed weights; takes and returns ordinary tensors."""
+    """One or more nn.Linear layers that read the same input, as one oneDNN product on packed weights.
 
-    def __init__(self, linear: nn.Linear):
+    Packed alone it replaces its linear. Packed with others, each keeps a `Slice` in its place: the
+    first slice called computes the product for that input, the others return their part of it.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
         super().__init__()
-        self.weight = linear.weight.detach().to_mkldnn()
-        self.bias = None if linear.bias is None else linear.bias.detach().to_mkldnn()
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        biases = [lin.bias for lin in linears]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=PACK_FOR_ROWS)
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.sizes = [lin.out_features for lin in linears]
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.size(-1)).to_mkldnn(), self.weight, self.bias)
-        return y.to_dense().view(*x.shape[:-1], -1)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All slices for input `x`, computed once however many slices ask."""
+        if x is not self._input:
+            self._input, self._outputs = x, self(x).split(self.sizes, dim=-1)
+        return self._outputs
+
+
+class Slice(nn.Module):
+    """Output `index` of a PackedLinear: stands in for one of the linears packed into it."""
+
+    def __init__(self, packed: PackedLinear, index: int):
+        super().__init__()
+        self.packed, self.index = [packed], index  # a list, so the shared module is not registered twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed[0].outputs(x)[self.index]
+
+
+# Sibling linears that read the same input: packed together.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """Swap every fp32 CPU nn.Linear for a PackedLinear (in place) where oneDNN is available."""
+    """Swap the fp32 CPU nn.Linear layers for packed oneDNN products (in place) where oneDNN is available."""
     if not torch.backends.mkldnn.is_available():
         return model
     for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-                setattr(module, name, PackedLinear(child))
+        linears = {name: child for name, child in module.named_children() if _packable(child)}
+        groups = [[n for n in names if n in linears] for names in FUSED]
+        groups = [g for g in groups if len(g) > 1 and len({linears[n].bias is None for n in g}) == 1]
+        for names in groups:
+            packed = PackedLinear([linears.pop(n) for n in names])
+            for i, name in enumerate(names):
+                setattr(module, name, Slice(packed, i))
+        for name, linear in linears.items():
+            setattr(module, name, PackedLinear([linear]))
     return model
+
+
+def _packable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
