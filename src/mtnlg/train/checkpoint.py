@@ -1,5 +1,11 @@
-"""The checkpoint directory, hub of every verb: config.json, model.safetensors, tokenizer.json,
-plus optimizer.pt and trainer_state.pt when training wrote it.
+"""The checkpoint directory, hub of every verb: config.json, model.safetensors, tokenizer.json, plus,
+when training wrote it, state/ and trainer_state.pt.
+
+state/ is a torch.distributed.checkpoint (DCP) of the model and optimizer, written by every rank as it
+holds them (TP/FSDP shards, pipeline stages) and keyed by parameter name, so a run saved under one
+parallel layout resumes under any other, single process included. model.safetensors is the same
+weights consolidated into one file for generate, serve and export. trainer_state.pt holds the step,
+the data position and the RNG.
 
 Writes go to a temporary directory that is renamed into place, and `latest` moves only after that,
 so an interrupted save never becomes the checkpoint a resume picks up.
@@ -26,27 +32,130 @@ from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
+STATE_DIR = "state"
+TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
 
+# What training checkpoints: each model part (the model, or this rank's pipeline stages) with its optimizer.
+Parts = list[tuple[nn.Module, torch.optim.Optimizer]]
 
-def save_checkpoint(
-    directory: str | Path,
-    model: nn.Module,
-    config: Config,
-    tokenizer: Tokenizer,
-    optimizer: torch.optim.Optimizer | None = None,
-    state: dict[str, Any] | None = None,
-) -> Path:
+
+def save_checkpoint(directory: str | Path, model: nn.Module, config: Config, tokenizer: Tokenizer) -> Path:
+    """An inference checkpoint of a whole (single-process) model: config, weights, tokenizer."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        _write_description(tmp, config, tokenizer)
         safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
-        tokenizer.save(tmp)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if state is not None:
-            torch.save(state, tmp / "trainer_state.pt")
     return directory
+
+
+def _write_description(directory: Path, config: Config, tokenizer: Tokenizer) -> None:
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tokenizer.save(directory)
+
+
+def save_training_checkpoint(
+    directory: Path, parts: Parts, config: Config, tokenizer: Tokenizer, trainer_state: dict[str, Any], is_main: bool
+) -> Path:
+    """Every rank calls this: each writes its shards of state/; rank 0 writes the rest, consolidates the
+    weights into model.safetensors and moves the finished directory into place."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with _quiet_single_process():
+        dcp.save(_state_dicts(parts), checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
+    if is_main:
+        try:
+            _write_description(tmp, config, tokenizer)
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+            consolidate(tmp, config)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.rename(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _barrier()
+    return directory
+
+
+def load_training_checkpoint(checkpoint: Path, parts: Parts) -> dict[str, Any]:
+    """Load state/ into this rank's model parts and optimizers, however they are laid out now; return
+    the trainer state (step, data position, RNG)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not (checkpoint / STATE_DIR).is_dir():
+        raise MtnlgError(f"{checkpoint} has no {STATE_DIR}/ training state (an imported or exported model?); "
+                         "train from it with a fresh --train.out_dir instead of --resume")
+    state = _state_dicts(parts)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=checkpoint / STATE_DIR, no_dist=not _distributed())
+    for model, optimizer in parts:
+        set_model_state_dict(model, state["model"], options=_options())
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=_options())
+    return torch.load(checkpoint / TRAINER_STATE, weights_only=True)
+
+
+def _state_dicts(parts: Parts) -> dict[str, dict[str, Any]]:
+    """Model and optimizer state of all parts, keyed by parameter name (flat), so layouts can differ."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    out: dict[str, dict[str, Any]] = {"model": {}, "optim": {}}
+    for model, optimizer in parts:
+        model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+        out["model"].update(model_state)
+        out["optim"].update(optim_state)
+    return out
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # strict=False: a pipeline stage holds only some of the saved names.
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+
+
+def consolidate(checkpoint: Path, config: Config | None = None) -> Path:
+    """Write model.safetensors from state/ in this process alone: the whole model, however it was sharded."""
+    import torch.distributed.checkpoint as dcp
+
+    config = config or load_config_file(checkpoint)
+    model = GPT(config.model)
+    state = {"model": model.state_dict()}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=checkpoint / STATE_DIR, no_dist=True)
+    model.load_state_dict(state["model"])
+    tmp = checkpoint / (MODEL_FILE + ".tmp")
+    safetensors.torch.save_model(model, str(tmp))
+    os.replace(tmp, checkpoint / MODEL_FILE)
+    return checkpoint / MODEL_FILE
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes one process when no group exists; alone, that is exactly what we mean."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 @contextmanager

@@ -11,21 +11,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from mtnlg.config import Config
 from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
 from mtnlg.model.flops import model_size, peak_flops
-from mtnlg.model.gpt import GPT, cross_entropy
+from mtnlg.model.gpt import GPT
+from mtnlg.parallel.launch import init_distributed
+from mtnlg.parallel.parallelize import clip_grad_norm_, loss_context, parallel_loss, parallelize
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.checkpoint import (
     find_latest,
     load_config_file,
-    load_weights,
+    load_training_checkpoint,
     mark_latest,
     prune_checkpoints,
-    save_checkpoint,
+    save_training_checkpoint,
 )
 from mtnlg.train.metrics import MetricsLogger
 from mtnlg.train.optim import batch_size_at, build_optimizer, lr_at
@@ -40,12 +44,23 @@ class TrainResult:
 
 
 class Trainer:
+    """One training run. Under torchrun every rank builds one and calls `fit`; rank 0 logs and prints.
+
+    Every rank reads the same global batch and trains on its data-parallel slice of it, so the samples
+    a step sees, and the data position in a checkpoint, do not depend on the parallel layout.
+    """
+
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
         tc = config.train
         self.run_dir = Path(tc.out_dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
-        self.device = pick_device(tc.device)
+        self.dist = init_distributed(config.parallel, pick_device(tc.device))
+        self.dims, self.device = self.dist.dims, self.dist.device
+        seq_len = config.model.max_seq_len
+        self.dims.validate_model(config.model, seq_len)
+        for batch_size in _ramp(tc):
+            self.dims.validate_batch(batch_size, tc.micro_batch_size)
         bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -57,16 +72,18 @@ class Trainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                 f"{config.model.vocab_size}; set --model.vocab_size {_round_up(self.tokenizer.vocab_size, 128)}"
             )
-        seq_len = config.model.max_seq_len
         self.train_data = build_dataset(tc.data, "train", seq_len, tc.seed)
         self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
 
-        torch.manual_seed(tc.seed)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank, before they are split
         with torch.device(self.device):
             self.model = GPT(config.model)
         self.model.activation_checkpointing = tc.activation_checkpointing
+        if self.dist.mesh is not None:
+            parallelize(self.model, self.dims, self.dist.mesh)
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.optimizer = build_optimizer(self.model, tc, fused=self.device.type == "cuda")
+        self.parts = [(self.model, self.optimizer)]
         self.loader = BatchLoader(self.train_data)
         self.step = 0
         if resume_from is not None:
@@ -106,9 +123,7 @@ class Trainer:
         return latest
 
     def _load(self, checkpoint: Path) -> None:
-        load_weights(self.model, checkpoint)
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device, weights_only=True))
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        state = load_training_checkpoint(checkpoint, self.parts)
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
@@ -119,14 +134,16 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         tc = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step)
-        peak = peak_flops(self.device, self.compute_dtype)
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not tc.progress, unit="step", dynamic_ncols=True)
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step) if main else None
+        peak = peak_flops(self.device, self.compute_dtype) * self.dims.cfg.world_size
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint, val_loss = None, None
         try:
-            while self.step < tc.max_steps and self.stop_signal is None:
+            while self.step < tc.max_steps and not self._stopping():
                 start = time.perf_counter()
                 loss, grad_norm, batch_size = self.train_step()
                 elapsed = time.perf_counter() - start
@@ -141,7 +158,7 @@ class Trainer:
                     mfu=tokens_per_s * self.flops_per_token / peak,
                     consumed_samples=self.loader.consumed_samples,
                 )
-                if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                if metrics and (self.step % tc.log_interval == 0 or self.step == tc.max_steps):
                     metrics.log(self.step, **record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{record['mfu']:.0%}")
@@ -149,60 +166,92 @@ class Trainer:
                     self.step % tc.eval_interval == 0 or self.step == tc.max_steps
                 ):
                     val_loss = self.evaluate()
-                    metrics.log(self.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-                    bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-                if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps or self.stop_signal:
+                    if metrics:
+                        metrics.log(self.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                        bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps or self._stopping():
                     checkpoint = self.save()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             bar.close()
-            metrics.close()
+            if metrics:
+                metrics.close()
         return TrainResult(self.step, val_loss, checkpoint, self.stop_signal)
 
     def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over a global batch, accumulated in micro-batches."""
+        """One optimizer step over a global batch: this rank's slice of it, accumulated in micro-batches
+        with gradients synchronised only after the last one."""
         tc = self.config.train
         batch_size = batch_size_at(self.loader.consumed_samples, tc)
-        micro_steps = batch_size // tc.micro_batch_size
-        lr = lr_at(self.step, tc)
+        inputs, targets = self._my_slice(*self.loader.next_batch(batch_size))
+        micro_batches = list(zip(inputs.split(tc.micro_batch_size), targets.split(tc.micro_batch_size)))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(self.step, tc)
         self.model.train()
-        total = 0.0
-        for _ in range(micro_steps):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch(tc.micro_batch_size))
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            if self.dist.mesh is not None and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with self.autocast:
-                loss = cross_entropy(self.forward(inputs), targets) / micro_steps
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+                logits = self.forward(x)
+            with loss_context(logits):
+                loss = parallel_loss(logits, y) / len(micro_batches)
+                loss.backward()
+            total += _local(loss).detach()
+        grad_norm = clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm.item(), batch_size
+        return self._mean_over_ranks(total), float(_local(grad_norm)), batch_size
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first `eval_batches` validation micro-batches: the same tokens every time."""
+        """Mean loss over the first `eval_batches` validation batches of micro_batch_size samples per
+        data-parallel rank: the same tokens every time."""
         tc = self.config.train
         self.model.eval()
         loader = BatchLoader(self.val_data)
-        losses = []
+        total = torch.zeros((), device=self.device)
         for _ in range(tc.eval_batches):
-            inputs, targets = (t.to(self.device) for t in loader.next_batch(tc.micro_batch_size))
+            inputs, targets = self._my_slice(*loader.next_batch(tc.micro_batch_size * self.dims.dp_size))
             with self.autocast:
-                losses.append(cross_entropy(self.forward(inputs), targets).item())
-        return sum(losses) / len(losses)
+                logits = self.forward(inputs)
+            total += _local(parallel_loss(logits, targets)) / tc.eval_batches
+        return self._mean_over_ranks(total)
+
+    def _my_slice(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.dims.batch_slice(inputs.size(0), self.dist.rank)
+        return inputs[rows].to(self.device, non_blocking=True), targets[rows].to(self.device, non_blocking=True)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        """Ranks of one tensor-parallel group hold the same value, so the mean over all ranks is the
+        mean over data-parallel slices."""
+        if self.dist.mesh is not None:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.dims.cfg.world_size
+        return value.item()
+
+    def _stopping(self) -> bool:
+        """Whether a signal reached any rank: all ranks must stop (and save) at the same step."""
+        stop = self.stop_signal is not None
+        if self.dist.mesh is not None:
+            flag = torch.tensor(float(stop), device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            self.stop_signal = self.stop_signal or ("SIGTERM" if stop else None)
+        return stop
 
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        checkpoint = save_checkpoint(
-            self.checkpoints_dir / f"step_{self.step:08d}", self.model, self.config, self.tokenizer, self.optimizer, state
+        checkpoint = save_training_checkpoint(
+            self.checkpoints_dir / f"step_{self.step:08d}", self.parts, self.config, self.tokenizer, state, self.dist.is_main
         )
-        mark_latest(checkpoint)
-        prune_checkpoints(self.checkpoints_dir, self.config.train.keep_last)
+        if self.dist.is_main:
+            mark_latest(checkpoint)
+            prune_checkpoints(self.checkpoints_dir, self.config.train.keep_last)
         return checkpoint
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -216,6 +265,18 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise MtnlgError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu or auto")
     return torch.device(name)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (loss and norms under tensor parallelism)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _ramp(tc) -> range:
+    """Every global batch size the run will use (one, without batch-size ramp-up)."""
+    if not tc.rampup_start:
+        return range(tc.global_batch_size, tc.global_batch_size + 1)
+    return range(tc.rampup_start, tc.global_batch_size + 1, tc.rampup_increment)
 
 
 def _round_up(n: int, multiple: int) -> int:

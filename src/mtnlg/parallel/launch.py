@@ -1,0 +1,58 @@
+"""Join the process group `torchrun` describes, and build the run's DeviceMesh.
+
+torchrun (or Slurm via `srun torchrun ...`) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; a plain `mtnlg ...` sets none and runs as one process. gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mtnlg.config import ParallelConfig
+from mtnlg.parallel.dims import ParallelDims
+
+
+@dataclass
+class Distributed:
+    """Where this process stands: its rank, the layout, its mesh (None when running alone), its device."""
+
+    rank: int
+    dims: ParallelDims
+    mesh: object | None
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 prints, logs and writes the files every rank would write the same."""
+        return self.rank == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(parallel: ParallelConfig, device: torch.device) -> Distributed:
+    """Validate the layout against the launch (before any communication), then join the group and build
+    the mesh. A single process with a single-process layout touches no process group at all."""
+    import torch.distributed as dist
+
+    dims = ParallelDims(parallel, world_size())
+    if dims.cfg.world_size == 1:
+        return Distributed(0, dims, None, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dims, dims.build_mesh(device.type), device)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
