@@ -77,14 +77,45 @@ def _grads(model, x):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def _ops_in_backward(model: GPT, x: torch.Tensor) -> dict[str, int]:
+    """How many matmuls and layer norms the backward pass really runs (recompute shows up here; an
+    output that selective recompute kept is served from memory and never reaches this counter)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"matmul": 0, "norm": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            counts["matmul"] += name in ("mm", "addmm")
+            counts["norm"] += name == "native_layer_norm"
+            return func(*args, **(kwargs or {}))
+
+    loss = cross_entropy(model(x[:, :-1]), x[:, 1:])
+    with Count():
+        loss.backward()
+    return counts
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_activation_checkpointing_recomputes_what_it_says_with_the_same_gradients(name):
     torch.manual_seed(0)
-    model = GPT(ModelConfig.from_name("llama-tiny"))
-    x = torch.randint(0, 512, (2, 17))
-    plain = _grads(model, x)
-    model.activation_checkpointing = True
-    for a, b in zip(plain, _grads(model, x)):
-        torch.testing.assert_close(a, b)
+    model = GPT(ModelConfig.from_name(name, dropout=0.1, norm="layernorm"))
+    x = torch.randint(0, 512, (2, 33))
+    ops = {}
+    for mode in ("none", "selective", "full"):
+        model.recompute = mode
+        torch.manual_seed(1)  # the same dropout masks, which recompute must redraw identically
+        grads = _grads(model, x)
+        if mode == "none":
+            plain = grads
+        for a, b in zip(plain, grads):
+            torch.testing.assert_close(a, b)
+        torch.manual_seed(1)
+        ops[mode] = _ops_in_backward(model, x)
+    # selective reruns the norms but takes the matmuls from memory; full reruns both
+    assert ops["none"]["norm"] == 0 and ops["selective"]["norm"] > 0 and ops["full"]["norm"] > 0
+    assert ops["none"]["matmul"] == ops["selective"]["matmul"] < ops["full"]["matmul"]
 
 
 def test_dropout_is_active_only_in_training():

@@ -148,7 +148,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
     compile: bool = False
-    activation_checkpointing: bool = False
     tensorboard: bool = True
     progress: bool = True
 
@@ -195,7 +194,9 @@ class ParallelConfig:
 
     tp: tensor parallel (Megatron column/row splits of every block, vocabulary-parallel embedding and loss);
     sequence_parallel: also split norms and dropout along the sequence inside the tp group;
-    pp: pipeline stages; dp_shard: FSDP (ZeRO-3) sharding; dp_replicate: DDP replicas (HSDP with dp_shard).
+    pp: pipeline stages; dp_shard: FSDP (ZeRO-3) sharding; dp_replicate: DDP replicas (HSDP with dp_shard);
+    activation_checkpointing: trade compute for activation memory (selective: recompute norms, activations
+    and dropout, keep matmul and attention outputs; full: keep only each block's input).
     """
 
     tp: int = 1
@@ -205,6 +206,7 @@ class ParallelConfig:
     sequence_parallel: bool = True
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
     microbatches: int = 1  # pipeline micro-batches per step; a multiple of pp
+    activation_checkpointing: str = "none"  # none | selective | full
 
     def __post_init__(self) -> None:
         self.validate()
@@ -219,6 +221,7 @@ class ParallelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MtnlgError(f"parallel.{name} must be a positive integer, got {value!r}")
         _check_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        _check_choice("parallel.activation_checkpointing", self.activation_checkpointing, ("none", "selective", "full"))
         if self.microbatches % self.pp:
             raise MtnlgError(
                 f"parallel.microbatches ({self.microbatches}) must be a multiple of parallel.pp ({self.pp}) "

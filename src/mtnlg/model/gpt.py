@@ -6,11 +6,12 @@ Parallelism (tensor, pipeline, data) is applied to this module from outside; kee
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from mtnlg.config import ModelConfig
 from mtnlg.model.kv_cache import KVCache
@@ -118,7 +119,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.activation_checkpointing = False
+        self.recompute = "none"  # activation checkpointing during training: none | selective | full
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.emb_dropout = nn.Dropout(cfg.dropout)
@@ -145,26 +146,51 @@ class GPT(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]. With a cache, tokens continue what it holds."""
+        """tokens [batch, seq] -> logits [batch, seq, vocab]. With a cache, tokens continue what it holds.
+
+        A pipeline stage is this model with parts removed (set to None): without `tok_emb` the input is
+        already hidden states [batch, seq, d_model], and without `lm_head` the hidden states come out."""
         start = cache.length if cache is not None else 0
         T = tokens.size(1)
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
-        x = self.tok_emb(tokens)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        x = self.emb_dropout(x)
+        x = tokens
+        if self.tok_emb is not None:
+            x = self.tok_emb(tokens)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(positions)
+            x = self.emb_dropout(x)
         mask = cache.causal_mask(T) if cache is not None else None
         for block in self.blocks.values():
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, positions, use_reentrant=False)
+            if self.training and self.recompute != "none":
+                x = checkpoint(block, x, positions, use_reentrant=False, context_fn=_RECOMPUTE[self.recompute])
             else:
                 x = block(x, positions, mask, cache)
         if cache is not None:
             cache.advance(T)
+        if self.lm_head is None:
+            return x
         return self.lm_head(self.norm(x))
+
+
+# Selective recompute keeps the outputs that cost FLOPs (matmuls, attention) and recomputes the cheap,
+# memory-hungry rest (norms, activation functions, dropout, residual adds) during backward.
+_COSTLY = {
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)
+}
+
+
+def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _COSTLY else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Full recompute keeps only each block's input.
+_RECOMPUTE = {"full": noop_context_fn, "selective": partial(create_selective_checkpoint_contexts, _keep_costly)}
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

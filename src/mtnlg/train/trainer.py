@@ -78,7 +78,7 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank, before they are split
         with torch.device(self.device):
             self.model = GPT(config.model)
-        self.model.activation_checkpointing = tc.activation_checkpointing
+        self.model.recompute = config.parallel.activation_checkpointing
         if self.dist.mesh is not None:
             parallelize(self.model, self.dims, self.dist.mesh)
         self.forward = torch.compile(self.model) if tc.compile else self.model
