@@ -24,6 +24,7 @@ import contextlib
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -90,8 +91,9 @@ def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
 
 
 def apply_tp(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    """Tensor (and sequence) parallelism over `tp_mesh`, in place."""
-    cfg = model.cfg
+    """Tensor (and sequence) parallelism over `tp_mesh`, in place. `model` may be a pipeline stage: modules
+    it lacks (None) are skipped, and between stages the hidden states stay plain tensors (with sequence
+    parallel: each tp rank's sequence shard), as they are between blocks."""
     sp = sequence_parallel
     learned = model.pos_emb is not None
     # With learned positions the embedding sum is formed whole, then cut along the sequence (no
@@ -109,11 +111,11 @@ def apply_tp(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
         plan["pos_emb"] = ReplicateParallel()
         if sp:
             plan["emb_dropout"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
-    parallelize_module(model, tp_mesh, plan)
+    parallelize_module(model, tp_mesh, {k: v for k, v in plan.items() if _has(model, k)})
     for block in model.blocks.values():
         parallelize_module(block, tp_mesh, {k: v for k, v in block_plan(sp).items() if _has(block, k)})
-    if cfg.tie_embeddings:  # sharding replaced both parameters; tie the head back to the embedding's shard
-        model.lm_head.weight = model.tok_emb.weight
+    if model.cfg.tie_embeddings and model.tok_emb is not None and model.lm_head is not None:
+        model.lm_head.weight = model.tok_emb.weight  # sharding replaced both; tie the head back to the embedding
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -135,25 +137,39 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh) -> None:
     fully_shard(model, mesh=dp_mesh)
 
 
-def apply_ddp(model: GPT, dp_mesh: DeviceMesh) -> None:
-    """Plain data parallel with gradient all-reduce, keeping the module a GPT (composable `replicate`)."""
+def apply_ddp(model: GPT, dp_mesh: DeviceMesh, pipeline_stage: bool = False) -> None:
+    """Plain data parallel with gradient all-reduce, keeping the module a GPT (composable `replicate`).
+
+    A pipeline stage runs a backward per micro-batch and must all-reduce once, after the last; DDP's
+    reducer cannot be told so from outside, so stages use the FSDP2-based `replicate`, which the
+    pipeline schedule drives as it drives FSDP."""
+    if pipeline_stage:
+        from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_stage
+
+        replicate_stage(model, mesh=dp_mesh)
+        return
     from torch.distributed._composable.replicate import replicate
 
     replicate(model, device_mesh=dp_mesh, bucket_cap_mb=100)
 
 
 def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh) -> GPT:
-    """Apply the layout in `dims` to `model` (built with the same seed on every rank), in place; returns it."""
+    """Apply the tensor and data parallel layout in `dims` to `model` (built with the same seed on every
+    rank), in place; returns it. With parallel.pp > 1, `model` is one pipeline stage (mtnlg.parallel.pipeline
+    cuts the model and calls this for each stage)."""
     dims.validate_model(model.cfg)
-    if dims.pp > 1:
-        raise MtnlgError("pipeline parallelism (parallel.pp > 1) is not implemented yet; set parallel.pp = 1")
+    if dims.pp > 1 and len(model.blocks) == model.cfg.n_layer:
+        raise MtnlgError(
+            f"parallel.pp is {dims.pp}: build the model with mtnlg.parallel.pipeline.Pipeline, which cuts it into "
+            "stages, instead of parallelizing the whole model"
+        )
     if dims.tp_enabled:
         apply_tp(model, mesh["tp"], dims.sequence_parallel)
     if dims.dp_shard > 1:
         dp_names = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
         apply_fsdp(model, mesh[dp_names])
     elif dims.dp_replicate > 1:  # ParallelDims refused dp_replicate with tp unless dp_shard > 1
-        apply_ddp(model, mesh["dp_replicate"])
+        apply_ddp(model, mesh["dp_replicate"], pipeline_stage=dims.pp > 1)
     return model
 
 
@@ -164,8 +180,9 @@ _loss_parallel_depth = 0
 
 
 @contextlib.contextmanager
-def _loss_parallel():
-    """`loss_parallel()` that may nest: torch's switches the vocab-parallel ops off when any exit happens."""
+def loss_parallel_scope():
+    """`loss_parallel()` that may nest: torch's switches the vocab-parallel ops off when any exit happens.
+    A pipeline holds it over a whole schedule step, whose last stage computes losses and their backward."""
     global _loss_parallel_depth
     if _loss_parallel_depth:
         _loss_parallel_depth += 1
@@ -184,7 +201,7 @@ def _loss_parallel():
 
 def loss_context(logits: torch.Tensor):
     """Wrap the loss *and* its backward: vocab-parallel cross entropy when logits are vocabulary-sharded."""
-    return _loss_parallel() if _vocab_sharded(logits) else contextlib.nullcontext()
+    return loss_parallel_scope() if _vocab_sharded(logits) else contextlib.nullcontext()
 
 
 def parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -193,7 +210,7 @@ def parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     `loss_context(logits)` as well. Plain logits take the model's own `cross_entropy`."""
     if not _vocab_sharded(logits):
         return cross_entropy(logits, targets)
-    with _loss_parallel():
+    with loss_parallel_scope():
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
@@ -203,11 +220,24 @@ def _vocab_sharded(logits: torch.Tensor) -> bool:
     )
 
 
-def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip by the global gradient norm over all ranks; works for plain tensors and DTensors (TP, FSDP)."""
+def clip_grad_norm_(
+    parameters: Iterable[nn.Parameter],
+    max_norm: float,
+    pp_group: dist.ProcessGroup | None = None,
+    uncounted: Iterable[nn.Parameter] = (),
+) -> torch.Tensor:
+    """Clip by the global gradient norm over all ranks; works for plain tensors and DTensors (TP, FSDP).
+    With pipeline stages, `parameters` are this rank's, the squared norms of the stages are summed over
+    `pp_group`, and `uncounted` parameters are clipped but left out of the norm because another stage
+    counts them (a tied embedding's copy on the last stage)."""
     params = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    skip = {id(p) for p in uncounted}
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in skip], foreach=True)
     if isinstance(total, DTensor):  # norms of shards are partial: reduce to the true global norm
         total = total.full_tensor()
+    if pp_group is not None:
+        total = total.square()
+        dist.all_reduce(total, group=pp_group)
+        total = total.sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -10,9 +11,12 @@ from torch import nn
 from mtnlg.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """Matrices (weights, embeddings) decay; biases and norm scales don't, as in GPT-3 and Megatron."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(
+    model: nn.Module | Iterable[nn.Parameter], cfg: TrainConfig, fused: bool = False
+) -> torch.optim.AdamW:
+    """Matrices (weights, embeddings) decay; biases and norm scales don't, as in GPT-3 and Megatron.
+    `model` may also be a list of parameters, such as a pipeline's `parameters()`."""
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

@@ -1,0 +1,197 @@
+"""Pipeline parallelism: cut the one GPT into stages and run them with `torch.distributed.pipelining`.
+
+Every rank builds the whole model from the same seed and keeps the stages it runs. A stage is the same
+GPT with the parts it does not own removed (see `GPT.forward`), so parameter names stay those of the
+whole model; `parallelize` then applies tensor and data parallelism to each stage as to a whole model.
+
+The split: `pp * v` stages, v = 2 for interleaved-1f1b (virtual stages) and 1 otherwise. Stages take
+contiguous blocks, as equal as can be; when the blocks do not divide evenly the earlier stages take one
+more, since the last stage also runs the final norm, the head and the loss. Stage s runs on pipeline rank
+s % pp (round-robin, the interleaved layout), so the embeddings live on pp rank 0 and the final norm,
+head and loss on pp rank pp - 1.
+
+Between stages the hidden states travel as plain tensors: [micro_batch, seq, d_model], or with sequence
+parallelism each tp rank's sequence shard [micro_batch, seq / tp, d_model], sent to the same tp rank of
+the next stage; no gather is needed at the boundary. A stage cannot tell the sequence length from a
+shard, so every stage is given the positions explicitly.
+
+The loss is each micro-batch's mean loss; the schedule divides the gradients by the number of
+micro-batches (scale_grads), so they are the gradients of the mean loss over the step's batch, as in one
+process (data parallelism's mean over ranks does the rest).
+
+Tied embeddings: the first stage holds `tok_emb.weight`, the last stage `lm_head.weight`, equal at the
+start because every rank builds the model from the same seed. After each step's backward their gradients
+are summed over a two-rank group (the first and last pipeline rank of one data/tensor-parallel
+coordinate), so the optimizer makes the same update on both and they stay equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
+
+from mtnlg.errors import MtnlgError
+from mtnlg.model.gpt import GPT
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.parallelize import clip_grad_norm_, loss_parallel_scope, parallel_loss, parallelize
+
+STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2}
+
+
+def stage_layers(n_layer: int, pp: int, schedule: str) -> list[range]:
+    """The blocks of each of the `pp * v` stages: contiguous, balanced, earlier stages one more if uneven."""
+    n_stages = pp * STAGES_PER_RANK[schedule]
+    if n_layer < n_stages:
+        raise MtnlgError(
+            f"model.n_layer ({n_layer}) is fewer than the {n_stages} pipeline stages of parallel.pp {pp} with "
+            f"{schedule}; every stage needs at least one block, so use at least {n_stages} layers or a smaller "
+            "parallel.pp" + (" or another parallel.pp_schedule" if n_stages > pp else "")
+        )
+    size, extra = divmod(n_layer, n_stages)
+    bounds = [0]
+    for s in range(n_stages):
+        bounds.append(bounds[-1] + size + (s < extra))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def build_stage(model: GPT, layers: range, first: bool, last: bool) -> GPT:
+    """A copy of `model` with only `layers`' blocks, the embeddings if `first`, the norm and head if `last`."""
+    stage = copy.deepcopy(model)
+    stage.blocks = nn.ModuleDict({str(i): stage.blocks[str(i)] for i in layers})
+    if not first:
+        stage.tok_emb = stage.pos_emb = None
+    if not last:
+        stage.norm = stage.lm_head = None
+    return stage
+
+
+class Pipeline:
+    """This rank's pipeline stages (`stages`, GPT modules) and the schedule that trains them (parallel.pp > 1).
+
+    `model` is left as it was: the stages are pruned copies, so drop it once the pipeline exists. Per
+    step: `step(inputs, targets)`, `clip_grad_norm_(max_norm)`, then an optimizer over `parameters()`.
+    `is_first` / `is_last`: whether this rank runs the first stage (embeddings) / the last (head, loss).
+    """
+
+    def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh):
+        cfg = dims.cfg
+        layers = stage_layers(model.cfg.n_layer, cfg.pp, cfg.pp_schedule)
+        n_stages = len(layers)
+        self.dims = dims
+        self.pp_group = mesh["pp"].get_group()
+        pp_rank = mesh["pp"].get_local_rank()
+        self.stage_ids = list(range(pp_rank, n_stages, cfg.pp))
+        self.stages = [
+            parallelize(build_stage(model, layers[s], s == 0, s == n_stages - 1), dims, mesh) for s in self.stage_ids
+        ]
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == cfg.pp - 1
+        device = next(model.parameters()).device
+        pipeline_stages = [
+            PipelineStage(stage, s, n_stages, device, group=self.pp_group)
+            for s, stage in zip(self.stage_ids, self.stages)
+        ]
+        if cfg.pp_schedule == "interleaved-1f1b":
+            self.schedule = ScheduleInterleaved1F1B(pipeline_stages, cfg.microbatches, loss_fn=parallel_loss)
+        else:
+            single = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
+            self.schedule = single(pipeline_stages[0], cfg.microbatches, loss_fn=parallel_loss)
+        self.tied_group = self._tied_group(mesh) if model.cfg.tie_embeddings else None
+
+    def _tied_group(self, mesh: DeviceMesh) -> dist.ProcessGroup | None:
+        """This rank's group of the first and last pipeline rank of one (dp_replicate, dp_shard, tp)
+        coordinate, None on middle ranks. Every rank creates all the groups, in one order."""
+        d = self.dims
+        grid = mesh.mesh.reshape(d.dp_replicate, d.dp_shard, d.pp, d.tp)
+        pairs = [
+            [int(grid[r, s, 0, t]), int(grid[r, s, -1, t])]
+            for r in range(d.dp_replicate)
+            for s in range(d.dp_shard)
+            for t in range(d.tp)
+        ]
+        group, _ = dist.new_subgroups_by_enumeration(pairs)
+        return group
+
+    def _tied_weight(self) -> nn.Parameter | None:
+        """The tied embedding as this rank holds it: tok_emb on the first stage, lm_head on the last."""
+        if self.tied_group is None:
+            return None
+        return self.stages[0].tok_emb.weight if self.is_first else self.stages[-1].lm_head.weight
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter of this rank's stages (the tied embedding on both its first and last rank)."""
+        return [p for stage in self.stages for p in stage.parameters()]
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this data-parallel rank's batch, in `parallel.microbatches` micro-batches,
+        then the tied embedding's gradients summed.
+
+        Every rank of the pipeline passes the same `inputs` and `targets` [batch, seq] and gets back the
+        batch's mean loss (computed on the last stage, broadcast over the pipeline for logging).
+        """
+        losses: list[torch.Tensor] = []
+        with self._loss_scope():
+            self.schedule.step(
+                inputs, target=targets, losses=losses, return_outputs=False, positions=self._positions(inputs)
+            )
+        self._sum_tied_grads()
+        return self._mean_loss(losses, inputs.device)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss, forward only, on every pipeline rank (put the stages in eval mode first)."""
+        losses: list[torch.Tensor] = []
+        with self._loss_scope():
+            self.schedule.eval(
+                inputs, target=targets, losses=losses, return_outputs=False, positions=self._positions(inputs)
+            )
+        return self._mean_loss(losses, inputs.device)
+
+    def _positions(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Positions for every stage, one row per sample so that the schedule splits them with the batch."""
+        n = self.dims.cfg.microbatches
+        if inputs.size(0) % n:
+            raise MtnlgError(
+                f"each data-parallel rank's batch of {inputs.size(0)} samples does not split into "
+                f"parallel.microbatches ({n}) equal micro-batches; make it a multiple of {n}"
+            )
+        return torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
+
+    def _loss_scope(self) -> contextlib.AbstractContextManager:
+        """The vocab-parallel loss (and its backward) run inside the schedule: hold the scope around it."""
+        return loss_parallel_scope() if self.dims.tp_enabled else contextlib.nullcontext()
+
+    def _mean_loss(self, losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Micro-batches are equal, so the mean of their mean losses is the batch's; sent from the last stage."""
+        loss = torch.zeros((), device=device)
+        if self.is_last:
+            loss = torch.stack([_plain(x).detach() for x in losses]).mean()
+        dist.broadcast(loss, group=self.pp_group, group_src=self.dims.pp - 1)
+        return loss
+
+    def _sum_tied_grads(self) -> None:
+        weight = self._tied_weight()
+        if weight is None:
+            return
+        if isinstance(weight.grad, DTensor):
+            # The vocab-parallel embedding's gradient comes out replicated; cut it like the weight (no
+            # communication) so both ends of the tie hold the same shard.
+            weight.grad = weight.grad.redistribute(placements=weight.placements)
+            dist.all_reduce(weight.grad.to_local(), group=self.tied_group)
+        else:
+            dist.all_reduce(weight.grad, group=self.tied_group)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm of the whole model, the tied embedding counted once."""
+        duplicate = [self._tied_weight()] if self.is_last and self.tied_group is not None else []
+        return clip_grad_norm_(self.parameters(), max_norm, pp_group=self.pp_group, uncounted=duplicate)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if isinstance(x, DTensor) else x
