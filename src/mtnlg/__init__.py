@@ -5,6 +5,9 @@
     m.generate(["The list type"], max_new_tokens=20, temperature=0)[0].text
     for delta in m.stream("To open a file", max_new_tokens=40): print(delta, end="")
     m.score(["A sentence to score."])[0].total
+
+    # the same, split over two processes: torchrun --nproc-per-node 2 script.py
+    m = mtnlg.load("runs/demo/run", tp=2)
 """
 
 from __future__ import annotations
@@ -43,12 +46,21 @@ class LanguageModel:
         return score(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts))
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> LanguageModel:
+def load(path: str | Path, device: str | torch.device | None = None, tp: int = 1) -> LanguageModel:
     """Load a checkpoint, run directory or imported model for inference; on CUDA when available unless
-    told otherwise, and on CPU with weights packed for fast matrix-vector products."""
+    told otherwise, and on CPU with weights packed for fast matrix-vector products.
+
+    tp > 1 splits the model over tp processes started by torchrun: each calls `load`, then the same
+    generate/stream/score calls (they communicate in every forward), and at the end
+    `mtnlg.parallel.launch.shutdown()`.
+    """
     from mtnlg.inference.cpu import pack_for_cpu_inference
     from mtnlg.train.checkpoint import load_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if tp != 1:  # packing is for plain weights; these are sharded DTensors
+        from mtnlg.inference.distributed import load_tensor_parallel
+
+        return LanguageModel(*load_tensor_parallel(path, tp, device))
     model, tokenizer, config = load_model(path, device)
     return LanguageModel(pack_for_cpu_inference(model) if device.type == "cpu" else model, tokenizer, config)

@@ -2,6 +2,9 @@
 
 A batch of prompts of different lengths is left-padded; the cache masks the padding and each row
 gets its own positions and random generator, so a prompt's output does not depend on its batch.
+
+A tensor-parallel model (`mtnlg.load(..., tp=N)` in each of N processes) runs the same code: every
+process gathers the whole logits and draws from the same seed, so all choose the same tokens.
 """
 
 from __future__ import annotations
@@ -132,10 +135,30 @@ def choose(logits: torch.Tensor, params: Sampling, generators: Sequence[torch.Ge
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
-def _generators(params: Sampling, count: int, device: torch.device) -> list[torch.Generator]:
+def _generators(model: GPT, params: Sampling, count: int) -> list[torch.Generator]:
     """One generator per completion: seeded from (seed, k) so that the k-th of n samples is reproducible."""
-    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+    device = next(model.parameters()).device
+    seed = params.seed if params.seed is not None else _shared_seed(model, int(torch.randint(0, 2**62, ())))
     return [torch.Generator(device).manual_seed(seed + 1_000_003 * k) for k in range(count)]
+
+
+def _shared_seed(model: GPT, seed: int) -> int:
+    """The first process's seed, on every process holding a shard of `model` (its weights are DTensors);
+    checked by duck type so that single-process generation never imports torch.distributed.tensor."""
+    weight = next(model.parameters())
+    if not hasattr(weight, "device_mesh"):
+        return seed
+    import torch.distributed as dist
+
+    mesh = weight.device_mesh
+    value = torch.tensor([seed], device=mesh.device_type)
+    dist.broadcast(value, group=mesh.get_group(), group_src=0)
+    return int(value)
+
+
+def _whole(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 with the whole vocabulary: a tensor-parallel model's are a vocabulary-sharded DTensor."""
+    return (logits.full_tensor() if hasattr(logits, "full_tensor") else logits).float()
 
 
 @torch.no_grad()
@@ -161,7 +184,7 @@ def _decode(model: GPT, tokenizer: Tokenizer, rows: list[_Row], params: Sampling
     for i, row in enumerate(rows):
         seen[i, row.prompt] = True
     for _ in range(steps):
-        logits = model(tokens, positions=positions, cache=cache)[:, -1].float()
+        logits = _whole(model(tokens, positions=positions, cache=cache)[:, -1])
         chosen = choose(penalize(logits, params, counts, seen), params, [r.generator for r in rows])
         raw = logits.log_softmax(-1) if params.logprobs is not None else None
         for i, (row, token) in enumerate(zip(rows, chosen.tolist())):
@@ -212,7 +235,7 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
     stop_ids = _stop_ids(tokenizer, params)
     steps = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
     cache = KVCache(model.cfg, beams, len(prompt) + max(steps, 1), device, next(model.parameters()).dtype)
-    logits = model(torch.tensor([prompt] * beams, device=device), cache=cache)[:, -1].float()
+    logits = _whole(model(torch.tensor([prompt] * beams, device=device), cache=cache)[:, -1])
     scores = torch.full((beams,), float("-inf"), device=device)
     scores[0] = 0.0  # all beams start identical: expand only the first
     running: list[list[int]] = [[] for _ in range(beams)]
@@ -232,7 +255,7 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
         cache.reorder(torch.tensor([b for _, b, _ in keep], device=device))
         running = [running[b] + [t] for _, b, t in keep]
         scores = torch.tensor([s for s, _, _ in keep], device=device)
-        logits = model(torch.tensor([[t] for _, _, t in keep], device=device), cache=cache)[:, -1].float()
+        logits = _whole(model(torch.tensor([[t] for _, _, t in keep], device=device), cache=cache)[:, -1])
     else:
         done += [(s / max(1, len(ids)) ** params.length_penalty, ids, "length") for s, ids in zip(scores.tolist(), running)]
     best = sorted(done, key=lambda d: d[0], reverse=True)[: params.n]
@@ -246,12 +269,11 @@ def generate(
     model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]], params: Sampling
 ) -> list[Completion]:
     """Complete every prompt `params.n` times; results are prompt-major (index tells the prompt)."""
-    device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p, model.cfg.max_seq_len, params) for p in prompts]
     if params.num_beams > 1:
         rows = [row for ids in encoded for row in _beam_search(model, tokenizer, ids, params)]
     else:
-        rows = [_Row(ids, g) for ids in encoded for g in _generators(params, params.n, device)]
+        rows = [_Row(ids, g) for ids in encoded for g in _generators(model, params, params.n)]
         for _ in _decode(model, tokenizer, rows, params):
             pass
     completions = []
@@ -278,8 +300,7 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt: str, params: Sampling) -> I
     the text `generate` returns."""
     if params.n != 1 or params.num_beams != 1:
         raise MtnlgError("streaming gives one completion: use n=1 and num_beams=1")
-    device = next(model.parameters()).device
-    row = _Row(encode_prompt(tokenizer, prompt, model.cfg.max_seq_len, params), _generators(params, 1, device)[0])
+    row = _Row(encode_prompt(tokenizer, prompt, model.cfg.max_seq_len, params), _generators(model, params, 1)[0])
     if params.echo:
         yield prompt
     sent = 0
@@ -323,5 +344,5 @@ def score(model: GPT, tokenizer: Tokenizer, texts: Sequence[str]) -> list[Scored
     for i, s in enumerate(sequences):
         batch[i, : len(s)] = torch.tensor(s)  # right padding: causal attention never looks at it
     batch = batch.to(device)
-    logprobs = F.log_softmax(model(batch[:, :-1]).float(), -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
+    logprobs = F.log_softmax(_whole(model(batch[:, :-1])), -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
     return [Scored(s[1:], logprobs[i, : len(s) - 1].tolist()) for i, s in enumerate(sequences)]
