@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 
 import pytest
 import torch.multiprocessing as mp
 
+from mtnlg.cli import main
 from mtnlg.train.metrics import read_metrics
 from mtnlg.train.trainer import Trainer
 
@@ -67,3 +69,41 @@ def test_resume_across_layouts_matches_one_uninterrupted_run(tiny_config, tmp_pa
     assert sorted(got) == list(range(1, 7))
     assert_close(got, want)
     assert want[6] < want[1]
+
+
+@pytest.mark.slow
+def test_mtnlg_train_under_torchrun(tiny_data, tmp_path):
+    """The launch users run: torchrun starts the ranks, only rank 0 reports, a bad layout is one line.
+    DDP with two micro-batches per rank: gradients synchronise once, after the second, and the losses
+    are those of one process."""
+    args = ["train", "tiny", f"--train.data={tiny_data}", "--train.tensorboard=false", "--train.progress=false"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mtnlg", *args]
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    steps = ("--train.max_steps=4", "--train.global_batch_size=16", "--train.micro_batch_size=4")
+    done = subprocess.run(torchrun + [f"--train.out_dir={run}", *steps, "--parallel.dp_replicate=2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("done: step 4") == 1
+    assert (run / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
+    assert main([*args, f"--train.out_dir={reference}", *steps]) == 0
+    assert_close(losses(run), losses(reference))
+
+    bad = subprocess.run(torchrun + [f"--train.out_dir={tmp_path / 'bad'}", "--parallel.tp=4"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.count("tp 4 x pp 1 x dp_shard 1 x dp_replicate 1 = 4, but 2 processes are running") == 1
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_resumes_from_one_process_and_back(tiny_config, tmp_path):
+    """One process for 2 steps, pp=2 with 1F1B to step 4 (the tied embedding split over the two stages, its
+    optimizer state found under either name), one process again to step 6: one uninterrupted run's losses."""
+    pipeline = ("--parallel.microbatches=2",)
+    reference = tmp_path / "reference"
+    train(tiny_config, "--train.max_steps=6", *pipeline, out_dir=reference)
+    run = tmp_path / "run"
+    train(tiny_config, "--train.max_steps=2", *pipeline, out_dir=run)
+    train(tiny_config, "--train.max_steps=4", "--parallel.pp=2", *pipeline, out_dir=run, world=2, resume=True)
+    train(tiny_config, "--train.max_steps=6", *pipeline, out_dir=run, resume=True)
+    assert_close(losses(run), losses(reference))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from mtnlg.errors import MtnlgError
@@ -46,12 +49,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtnlg.train.trainer import Trainer
 
     config = load_config(_config_path(args.config), args.overrides)
-    result = Trainer(config, resume=args.resume).fit()
+    trainer = Trainer(config, resume=args.resume)
+    result = trainer.fit()
+    say = print if trainer.dist.is_main else lambda *_: None
     if result.stopped_by:
-        print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
+        say(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
         return 130 if result.stopped_by == "SIGINT" else 143
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"done: step {result.step}{val}; checkpoint {result.checkpoint}")
+    say(f"done: step {result.step}{val}; checkpoint {result.checkpoint}")
     return 0
 
 
@@ -65,6 +70,19 @@ def _config_path(name: str) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from mtnlg.parallel.launch import world_size
+
+    with _output_from_rank_0():
+        tp = args.tp if args.tp is not None else world_size()
+        if tp == 1 and world_size() > 1:
+            raise MtnlgError(
+                f"{world_size()} processes were started but --tp is 1; pass --tp {world_size()} to split the model "
+                "over them, or run one process"
+            )
+        _generate(args, tp)
+
+
+def _generate(args: argparse.Namespace, tp: int) -> None:
     import json
 
     import mtnlg
@@ -73,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts = list(args.prompt or []) + (_read_prompts(Path(args.prompts_file)) if args.prompts_file else [])
     if not prompts:
         raise MtnlgError("nothing to generate from; pass --prompt TEXT or --prompts-file FILE")
-    model = mtnlg.load(args.checkpoint, args.device)
+    model = mtnlg.load(args.checkpoint, args.device, tp=tp)
     if not args.json and len(prompts) == 1 and args.n == 1 and args.num_beams == 1:
         sys.stdout.write("" if args.echo else prompts[0])
         _print_stream(model, prompts[0], params)
@@ -83,6 +101,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(json.dumps({"prompt": prompts[completion.index], **vars(completion)}, ensure_ascii=False))
         else:
             print(f"--- prompt {completion.index} ({completion.finish_reason})\n{prompts[completion.index]}{completion.text}")
+
+
+@contextlib.contextmanager
+def _output_from_rank_0() -> Iterator[None]:
+    """Under torchrun every process runs the command and ends with the same text: only rank 0 prints it."""
+    if os.environ.get("RANK", "0") == "0":
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -264,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--echo", action="store_true", help="include the prompt in the output text")
     p.add_argument("--truncate", action="store_true", help="cut overlong prompts from the left")
     p.add_argument("--json", action="store_true", help="one JSON object per completion")
+    p.add_argument(
+        "--tp", type=int, help="split the model over N processes started by torchrun --nproc-per-node N "
+        "(tensor parallel; default: as many as were started)"
+    )
     p.set_defaults(handler=cmd_generate)
 
     p = verbs.add_parser("chat", help="talk to a model in the terminal")
@@ -319,13 +351,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = rest
     try:
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
     except MtnlgError as e:
-        print(f"mtnlg {args.verb}: error: {e}", file=sys.stderr)
-        return 1
+        # Under torchrun every rank meets the same mistake: say it once per node.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"mtnlg {args.verb}: error: {e}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print(f"mtnlg {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+        from mtnlg.parallel.launch import leave
+
+        leave(code)
+    return code
 
 
 if __name__ == "__main__":

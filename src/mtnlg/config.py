@@ -250,6 +250,10 @@ class Config:
         unknown = set(data) - set(SECTIONS)
         if unknown:
             raise MtnlgError(f"unknown config section [{sorted(unknown)[0]}]; {_SECTIONS_TEXT}")
+        train = data.get("train", {})
+        if "activation_checkpointing" in train:  # its old place, still in earlier checkpoints' config.json
+            on = _coerce("train.activation_checkpointing", train.pop("activation_checkpointing"), "bool")
+            data.setdefault("parallel", {}).setdefault("activation_checkpointing", "full" if on else "none")
         model = data.get("model", {})
         preset = model.pop("preset", "tiny")
         if preset not in PRESETS:

@@ -66,8 +66,10 @@ def save_training_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    state = _state_dicts(parts)
+    _name_tied_optimizer_state_twice(parts, state["optim"])
     with _quiet_single_process():
-        dcp.save(_state_dicts(parts), checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
+        dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
     if is_main:
         try:
             _write_description(tmp, config, tokenizer)
@@ -110,6 +112,21 @@ def _state_dicts(parts: Parts) -> dict[str, dict[str, Any]]:
         out["model"].update(model_state)
         out["optim"].update(optim_state)
     return out
+
+
+def _name_tied_optimizer_state_twice(parts: Parts, optim_state: dict[str, Any]) -> None:
+    """A tied embedding is one parameter with two names, and its optimizer state is saved under one of them;
+    a pipeline keeps it twice (tok_emb on the first stage, lm_head on the last) and looks up both. Save it
+    under both names, so any layout finds it."""
+    for model, _ in parts:
+        first_name: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) not in first_name:
+                first_name[id(param)] = name
+                continue
+            for a, b in ((first_name[id(param)], name), (name, first_name[id(param)])):
+                for key in [k for k in optim_state if k.startswith((f"state.{a}.", f"param_groups.{a}."))]:
+                    optim_state.setdefault(key.replace(a, b, 1), optim_state[key])
 
 
 def _options():

@@ -22,6 +22,7 @@ from mtnlg.model.flops import model_size, peak_flops
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.launch import init_distributed
 from mtnlg.parallel.parallelize import clip_grad_norm_, loss_context, parallel_loss, parallelize
+from mtnlg.parallel.pipeline import Pipeline
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.checkpoint import (
     find_latest,
@@ -61,6 +62,8 @@ class Trainer:
         self.dims.validate_model(config.model, seq_len)
         for batch_size in _ramp(tc):
             self.dims.validate_batch(batch_size, tc.micro_batch_size)
+        if self.dims.pp > 1:
+            _check_pipeline_batch(config, self.dims.dp_size)
         bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -77,13 +80,16 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # the same initial weights on every rank, before they are split
         with torch.device(self.device):
-            self.model = GPT(config.model)
-        self.model.recompute = config.parallel.activation_checkpointing
-        if self.dist.mesh is not None:
+            model = GPT(config.model)
+        model.recompute = config.parallel.activation_checkpointing
+        # What this rank trains: the model, or its pipeline stages (pruned copies of it), each with an optimizer.
+        self.pipeline = Pipeline(model, self.dims, self.dist.mesh) if self.dims.pp > 1 else None
+        self.model = None if self.pipeline else model
+        if self.model is not None and self.dist.mesh is not None:
             parallelize(self.model, self.dims, self.dist.mesh)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
-        self.optimizer = build_optimizer(self.model, tc, fused=self.device.type == "cuda")
-        self.parts = [(self.model, self.optimizer)]
+        modules = self.pipeline.stages if self.pipeline else [self.model]
+        self.parts = [(m, build_optimizer(m, tc, fused=self.device.type == "cuda")) for m in modules]
+        self.forward = torch.compile(self.model) if tc.compile and self.model is not None else self.model
         self.loader = BatchLoader(self.train_data)
         self.step = 0
         if resume_from is not None:
@@ -151,7 +157,7 @@ class Trainer:
                 tokens_per_s = batch_size * self.config.model.max_seq_len / elapsed
                 record = dict(
                     loss=loss,
-                    lr=self.optimizer.param_groups[0]["lr"],
+                    lr=self.parts[0][1].param_groups[0]["lr"],
                     grad_norm=grad_norm,
                     batch_size=batch_size,
                     tokens_per_s=tokens_per_s,
@@ -180,15 +186,31 @@ class Trainer:
         return TrainResult(self.step, val_loss, checkpoint, self.stop_signal)
 
     def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over a global batch: this rank's slice of it, accumulated in micro-batches
-        with gradients synchronised only after the last one."""
+        """One optimizer step over a global batch: this rank's slice of it, in micro-batches whose gradients
+        are synchronised only after the last (the pipeline schedule runs its micro-batches itself)."""
         tc = self.config.train
         batch_size = batch_size_at(self.loader.consumed_samples, tc)
         inputs, targets = self._my_slice(*self.loader.next_batch(batch_size))
-        micro_batches = list(zip(inputs.split(tc.micro_batch_size), targets.split(tc.micro_batch_size)))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, tc)
-        self.model.train()
+        lr = lr_at(self.step, tc)
+        for module, optimizer in self.parts:
+            module.train()
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        if self.pipeline is not None:
+            loss = self.pipeline.step(inputs, targets)
+            grad_norm = self.pipeline.clip_grad_norm_(max_norm)
+        else:
+            loss = self._accumulate(inputs, targets)
+            grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
+        for _, optimizer in self.parts:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return self._mean_over_ranks(loss), float(_local(grad_norm)), batch_size
+
+    def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward micro-batch by micro-batch; returns the mean loss."""
+        micro_batches = list(zip(inputs.split(self.config.train.micro_batch_size), targets.split(self.config.train.micro_batch_size)))
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             if self.dist.mesh is not None and hasattr(self.model, "set_requires_gradient_sync"):
@@ -199,21 +221,23 @@ class Trainer:
                 loss = parallel_loss(logits, y) / len(micro_batches)
                 loss.backward()
             total += _local(loss).detach()
-        grad_norm = clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._mean_over_ranks(total), float(_local(grad_norm)), batch_size
+        return total
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first `eval_batches` validation batches of micro_batch_size samples per
-        data-parallel rank: the same tokens every time."""
+        """Mean loss over the first `eval_batches` validation batches, each of micro_batch_size samples per
+        data-parallel rank (times parallel.microbatches under a pipeline): the same tokens every time."""
         tc = self.config.train
-        self.model.eval()
+        per_rank = tc.micro_batch_size * (self.dims.cfg.microbatches if self.pipeline else 1)
+        for module, _ in self.parts:
+            module.eval()
         loader = BatchLoader(self.val_data)
         total = torch.zeros((), device=self.device)
         for _ in range(tc.eval_batches):
-            inputs, targets = self._my_slice(*loader.next_batch(tc.micro_batch_size * self.dims.dp_size))
+            inputs, targets = self._my_slice(*loader.next_batch(per_rank * self.dims.dp_size))
+            if self.pipeline is not None:
+                total += self.pipeline.evaluate(inputs, targets) / tc.eval_batches
+                continue
             with self.autocast:
                 logits = self.forward(inputs)
             total += _local(parallel_loss(logits, targets)) / tc.eval_batches
@@ -270,6 +294,23 @@ def pick_device(name: str) -> torch.device:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A replicated DTensor's value as a plain tensor (loss and norms under tensor parallelism)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _check_pipeline_batch(config: Config, dp_size: int) -> None:
+    """A pipeline step runs each data-parallel rank's whole slice as parallel.microbatches micro-batches of
+    train.micro_batch_size: the three numbers must agree, and stay fixed (no batch-size ramp-up)."""
+    tc, pc = config.train, config.parallel
+    if tc.rampup_start:
+        raise MtnlgError("batch-size ramp-up does not work with pipeline parallelism (the schedule's micro-batches "
+                         "are fixed); set train.rampup_start = 0 or parallel.pp = 1")
+    per_rank = tc.global_batch_size // dp_size
+    if per_rank != tc.micro_batch_size * pc.microbatches:
+        raise MtnlgError(
+            f"with parallel.pp > 1 each data-parallel rank's {per_rank} samples (train.global_batch_size "
+            f"{tc.global_batch_size} / {dp_size}) run as parallel.microbatches ({pc.microbatches}) micro-batches "
+            f"of train.micro_batch_size ({tc.micro_batch_size}), so they must equal their product; e.g. set "
+            f"train.global_batch_size = {tc.micro_batch_size * pc.microbatches * dp_size}"
+        )
 
 
 def _ramp(tc) -> range:
