@@ -76,3 +76,9 @@ def test_llama_preset_is_llama_shaped():
     cfg = ModelConfig.from_name("llama-1b")
     assert (cfg.norm, cfg.mlp, cfg.position, cfg.n_kv_head < cfg.n_head) == ("rmsnorm", "swiglu", "rotary", True)
     assert set(PRESETS) >= {"tiny", "demo", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "mt-nlg-530b"}
+
+
+def test_old_checkpoint_configs_still_load():
+    """Checkpoints written before [parallel] existed kept activation checkpointing in [train]."""
+    assert Config.from_dict({"train": {"activation_checkpointing": True}}).parallel.activation_checkpointing == "full"
+    assert Config.from_dict({"train": {"activation_checkpointing": False}}).parallel.activation_checkpointing == "none"

@@ -9,9 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
+import torch
 import torch.multiprocessing as mp
 
 from mtnlg.cli import main
+from mtnlg.errors import MtnlgError
+from mtnlg.parallel.launch import leave
 from mtnlg.train.metrics import read_metrics
 from mtnlg.train.trainer import Trainer
 
@@ -23,14 +27,9 @@ RUN = ("--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.dec
 def _train(rank: int, world: int, port: int, config, resume: bool) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     Trainer(config, resume=resume).fit()
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # gloo's teardown can abort when a peer has already left; the work is done
+    leave(0)  # past gloo's teardown, which can abort when a peer has already left
 
 
 def train(make_config, *overrides: str, out_dir, world: int = 1, resume: bool = False) -> None:
@@ -107,3 +106,29 @@ def test_pipeline_resumes_from_one_process_and_back(tiny_config, tmp_path):
     train(tiny_config, "--train.max_steps=4", "--parallel.pp=2", *pipeline, out_dir=run, world=2, resume=True)
     train(tiny_config, "--train.max_steps=6", *pipeline, out_dir=run, resume=True)
     assert_close(losses(run), losses(reference))
+
+
+def test_pipeline_batch_must_be_its_micro_batches(tiny_config):
+    from mtnlg.train.trainer import _check_pipeline_batch
+
+    ok = tiny_config("--parallel.pp=2", "--parallel.microbatches=2", "--train.global_batch_size=8")
+    _check_pipeline_batch(ok, dp_size=1)  # 8 samples = 2 micro-batches of 4
+    with pytest.raises(MtnlgError, match=r"rank's 4 samples .* parallel.microbatches \(2\) micro-batches of "
+                                         r"train.micro_batch_size \(4\).*train.global_batch_size = 16"):
+        _check_pipeline_batch(ok, dp_size=2)
+    ramp = tiny_config("--train.rampup_start=4", "--train.rampup_increment=4", "--train.rampup_samples=64")
+    with pytest.raises(MtnlgError, match="batch-size ramp-up does not work with pipeline parallelism"):
+        _check_pipeline_batch(ramp, dp_size=1)
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_trains_like_autocast(tiny_config, tmp_path):
+    """bf16 through FSDP2's mixed-precision policy (the GPU path, run here on CPU): close to one process
+    under bf16 autocast, and the saved weights stay fp32."""
+    bf16 = ("--train.dtype=bf16", "--train.max_steps=4")
+    train(tiny_config, *bf16, out_dir=tmp_path / "one")
+    train(tiny_config, *bf16, "--parallel.dp_shard=2", out_dir=tmp_path / "fsdp", world=2)
+    got, want = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    assert max(abs(got[s] - want[s]) for s in want) < 1e-2 and got[4] < got[1]
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_00000004" / "model.safetensors"
+    assert {t.dtype for t in safetensors.torch.load_file(checkpoint).values()} == {torch.float32}

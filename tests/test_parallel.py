@@ -54,6 +54,7 @@ def test_parallel_config_defaults_and_sections(tmp_path):
         (dict(dp_shard=-1), "parallel.dp_shard must be a positive integer"),
         (dict(pp_schedule="zb"), "parallel.pp_schedule is 'zb'; choose one of: gpipe, 1f1b, interleaved-1f1b"),
         (dict(pp=2, microbatches=3), r"parallel.microbatches \(3\) must be a multiple of parallel.pp \(2\)"),
+        (dict(activation_checkpointing="some"), "parallel.activation_checkpointing is 'some'; choose one of: none, selective, full"),
     ],
 )
 def test_invalid_parallel_config(kwargs, message):
@@ -77,7 +78,8 @@ def test_world_size_mismatch():
         (dict(tp=4), dict(n_kv_head=2), r"model.n_kv_head \(2\) is not divisible by parallel.tp \(4\)"),
         (dict(tp=2), dict(vocab_size=511), r"model.vocab_size \(511\) is not divisible by parallel.tp \(2\).*pad model.vocab_size to 512"),
         (dict(tp=2), dict(d_ff=255), r"model.d_ff \(255\) is not divisible by parallel.tp \(2\)"),
-        (dict(pp=4, microbatches=4), dict(), r"model.n_layer \(2\) is fewer than parallel.pp \(4\)"),
+        (dict(pp=4, microbatches=4), dict(), r"model.n_layer \(2\) is fewer than the 4 pipeline stages of parallel.pp 4"),
+        (dict(pp=2, microbatches=2, pp_schedule="interleaved-1f1b"), dict(), r"model.n_layer \(2\) is fewer than the 4 pipeline stages"),
     ],
 )
 def test_model_does_not_split(layout, model, message):

@@ -84,11 +84,10 @@ class ParallelDims:
                     f"evenly over the tp ranks; use parallel.tp among {choices}"
                     + ("" if name != "vocab_size" else f", or pad model.vocab_size to {_round_up(value, tp * 64)}")
                 )
-        if model_cfg.n_layer < pp:
-            raise MtnlgError(
-                f"model.n_layer ({model_cfg.n_layer}) is fewer than parallel.pp ({pp}) pipeline stages; "
-                f"every stage needs at least one block, so use parallel.pp <= {model_cfg.n_layer}"
-            )
+        if pp > 1:  # every stage needs a block: the split itself says when there are too few
+            from mtnlg.parallel.pipeline import stage_layers
+
+            stage_layers(model_cfg.n_layer, pp, self.cfg.pp_schedule)
         if seq_len is not None and self.sequence_parallel and seq_len % tp:
             raise MtnlgError(
                 f"sequence length {seq_len} is not divisible by parallel.tp ({tp}) with parallel.sequence_parallel; "

@@ -126,15 +126,18 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-def apply_fsdp(model: GPT, dp_mesh: DeviceMesh) -> None:
-    """FSDP2: one all-gather/reduce-scatter unit per block, and the root (embeddings, norm, head)."""
-    from torch.distributed.fsdp import fully_shard
+def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: one all-gather/reduce-scatter unit per block, and the root (embeddings, norm, head). With
+    `param_dtype` (bf16 on GPUs) parameters are gathered and computed in it while the sharded master
+    weights, the optimizer and the gradient reduction stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     n = len(model.blocks)
     for i, block in enumerate(model.blocks.values()):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=i < n - 1)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=i < n - 1, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
 def apply_ddp(model: GPT, dp_mesh: DeviceMesh, pipeline_stage: bool = False) -> None:
@@ -153,7 +156,7 @@ def apply_ddp(model: GPT, dp_mesh: DeviceMesh, pipeline_stage: bool = False) -> 
     replicate(model, device_mesh=dp_mesh, bucket_cap_mb=100)
 
 
-def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh) -> GPT:
+def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> GPT:
     """Apply the tensor and data parallel layout in `dims` to `model` (built with the same seed on every
     rank), in place; returns it. With parallel.pp > 1, `model` is one pipeline stage (mtnlg.parallel.pipeline
     cuts the model and calls this for each stage)."""
@@ -167,7 +170,7 @@ def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh) -> GPT:
         apply_tp(model, mesh["tp"], dims.sequence_parallel)
     if dims.dp_shard > 1:
         dp_names = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
-        apply_fsdp(model, mesh[dp_names])
+        apply_fsdp(model, mesh[dp_names], param_dtype)
     elif dims.dp_replicate > 1:  # ParallelDims refused dp_replicate with tp unless dp_shard > 1
         apply_ddp(model, mesh["dp_replicate"], pipeline_stage=dims.pp > 1)
     return model

@@ -80,7 +80,7 @@ class Pipeline:
     `is_first` / `is_last`: whether this rank runs the first stage (embeddings) / the last (head, loss).
     """
 
-    def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh):
+    def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh, param_dtype: torch.dtype | None = None):
         cfg = dims.cfg
         layers = stage_layers(model.cfg.n_layer, cfg.pp, cfg.pp_schedule)
         n_stages = len(layers)
@@ -89,7 +89,8 @@ class Pipeline:
         pp_rank = mesh["pp"].get_local_rank()
         self.stage_ids = list(range(pp_rank, n_stages, cfg.pp))
         self.stages = [
-            parallelize(build_stage(model, layers[s], s == 0, s == n_stages - 1), dims, mesh) for s in self.stage_ids
+            parallelize(build_stage(model, layers[s], s == 0, s == n_stages - 1), dims, mesh, param_dtype)
+            for s in self.stage_ids
         ]
         self.is_first, self.is_last = pp_rank == 0, pp_rank == cfg.pp - 1
         device = next(model.parameters()).device

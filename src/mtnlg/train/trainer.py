@@ -83,10 +83,12 @@ class Trainer:
             model = GPT(config.model)
         model.recompute = config.parallel.activation_checkpointing
         # What this rank trains: the model, or its pipeline stages (pruned copies of it), each with an optimizer.
-        self.pipeline = Pipeline(model, self.dims, self.dist.mesh) if self.dims.pp > 1 else None
+        # FSDP computes in bf16 through its mixed-precision policy; autocast covers everything else.
+        param_dtype = torch.bfloat16 if bf16 else None
+        self.pipeline = Pipeline(model, self.dims, self.dist.mesh, param_dtype) if self.dims.pp > 1 else None
         self.model = None if self.pipeline else model
         if self.model is not None and self.dist.mesh is not None:
-            parallelize(self.model, self.dims, self.dist.mesh)
+            parallelize(self.model, self.dims, self.dist.mesh, param_dtype)
         modules = self.pipeline.stages if self.pipeline else [self.model]
         self.parts = [(m, build_optimizer(m, tc, fused=self.device.type == "cuda")) for m in modules]
         self.forward = torch.compile(self.model) if tc.compile and self.model is not None else self.model
