@@ -3,33 +3,26 @@ saved under one layout resumes under another with the losses an uninterrupted ru
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import safetensors.torch
 import torch
-import torch.multiprocessing as mp
 
 from mtnlg.cli import main
 from mtnlg.errors import MtnlgError
-from mtnlg.parallel.launch import leave
 from mtnlg.train.metrics import read_metrics
 from mtnlg.train.trainer import Trainer
+from spawn import spawn
 
 # LR decay is pinned so that a run stopped early follows the same schedule as the whole run.
 RUN = ("--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.decay_steps=6", "--train.lr=3e-3",
        "--train.eval_interval=0", "--train.save_interval=0", "--train.log_interval=1")
 
 
-def _train(rank: int, world: int, port: int, config, resume: bool) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _train(rank: int, config, resume: bool) -> None:
     Trainer(config, resume=resume).fit()
-    leave(0)  # past gloo's teardown, which can abort when a peer has already left
 
 
 def train(make_config, *overrides: str, out_dir, world: int = 1, resume: bool = False) -> None:
@@ -37,10 +30,7 @@ def train(make_config, *overrides: str, out_dir, world: int = 1, resume: bool = 
     if world == 1:
         Trainer(config, resume=resume).fit()
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_train, args=(world, port, config, resume), nprocs=world, join=True)
+    spawn(_train, world, config, resume)
 
 
 def losses(run_dir) -> dict[int, float]:

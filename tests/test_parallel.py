@@ -7,13 +7,8 @@ single-process reference run here, and asserts equal losses and equal final (gat
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig, load_config
 from mtnlg.errors import MtnlgError
@@ -21,6 +16,7 @@ from mtnlg.model.gpt import GPT, cross_entropy
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.pipeline import build_stage, stage_layers
 from mtnlg.train.optim import build_optimizer, lr_at
+from spawn import spawn
 
 STEPS, BATCH, SEQ = 10, 4, 32
 EVAL_AFTER = 4  # pipelines also evaluate batch 0 (forward only) after this step, then train on
@@ -184,77 +180,60 @@ def _reference(model_name: str):
     return losses, eval_loss.item(), {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, layout: dict, model_name: str, out: str) -> None:
+def _worker(rank: int, world: int, layout: dict, model_name: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from mtnlg.parallel.parallelize import clip_grad_norm_, loss_context, parallel_loss, parallelize
     from mtnlg.parallel.pipeline import Pipeline
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dims = ParallelDims(ParallelConfig(**layout), world)
-        mesh = dims.build_mesh("cpu")
-        torch.manual_seed(0)  # same init on every rank, before sharding
-        model = GPT(_model_config(model_name))
-        pipeline = Pipeline(model, dims, mesh) if dims.pp > 1 else None
-        modules = pipeline.stages if pipeline else [parallelize(model, dims, mesh)]
-        tc = TrainConfig(**TRAIN)
-        opt = build_optimizer(pipeline.parameters() if pipeline else model, tc)
-        rows = dims.batch_slice(BATCH, rank)
-        if pipeline:  # a batch that does not cut into the micro-batches is refused before any communication
-            with pytest.raises(MtnlgError, match=r"batch of 1 samples does not split into parallel.microbatches"):
-                pipeline.step(torch.zeros(1, SEQ, dtype=torch.long), torch.zeros(1, SEQ, dtype=torch.long))
-        losses, eval_loss = [], None
-        for step, batch in enumerate(_batches(model.cfg.vocab_size)):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc)
-            batch = batch[rows]
-            if pipeline:
-                loss = pipeline.step(batch[:, :-1], batch[:, 1:])  # every pipeline rank gets its batch's loss
-                pipeline.clip_grad_norm_(tc.grad_clip)
-            else:
-                logits = model(batch[:, :-1])
-                with loss_context(logits):
-                    loss = parallel_loss(logits, batch[:, 1:])
-                    loss.backward()
-                clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            mean = (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().clone()
-            dist.all_reduce(mean)  # every tp/pp rank holds its slice's loss: the mean over ranks is the dp mean
-            losses.append(mean.item() / world)
-            if pipeline and step == EVAL_AFTER:
-                first = _batches(model.cfg.vocab_size)[0, rows]
-                mean = pipeline.evaluate(first[:, :-1], first[:, 1:])
-                dist.all_reduce(mean)
-                eval_loss = mean.item() / world
-        weights = {  # this rank's stage(s), or the whole model
-            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-            for module in modules
-            for k, v in module.named_parameters()
-        }
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(weights, gathered, dst=0)
-        if rank == 0:
-            weights = {k: v for w in gathered for k, v in w.items()}
-            torch.save({"losses": losses, "eval_loss": eval_loss, "weights": weights}, out)
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without tearing gloo down: its destructor occasionally aborts ("terminate called without an
-    # active exception") when the peer has already gone, which would fail a test that passed.
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    dist.init_process_group("gloo")
+    dims = ParallelDims(ParallelConfig(**layout), world)
+    mesh = dims.build_mesh("cpu")
+    torch.manual_seed(0)  # same init on every rank, before sharding
+    model = GPT(_model_config(model_name))
+    pipeline = Pipeline(model, dims, mesh) if dims.pp > 1 else None
+    modules = pipeline.stages if pipeline else [parallelize(model, dims, mesh)]
+    tc = TrainConfig(**TRAIN)
+    opt = build_optimizer(pipeline.parameters() if pipeline else model, tc)
+    rows = dims.batch_slice(BATCH, rank)
+    if pipeline:  # a batch that does not cut into the micro-batches is refused before any communication
+        with pytest.raises(MtnlgError, match=r"batch of 1 samples does not split into parallel.microbatches"):
+            pipeline.step(torch.zeros(1, SEQ, dtype=torch.long), torch.zeros(1, SEQ, dtype=torch.long))
+    losses, eval_loss = [], None
+    for step, batch in enumerate(_batches(model.cfg.vocab_size)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        batch = batch[rows]
+        if pipeline:
+            loss = pipeline.step(batch[:, :-1], batch[:, 1:])  # every pipeline rank gets its batch's loss
+            pipeline.clip_grad_norm_(tc.grad_clip)
+        else:
+            logits = model(batch[:, :-1])
+            with loss_context(logits):
+                loss = parallel_loss(logits, batch[:, 1:])
+                loss.backward()
+            clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mean = (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().clone()
+        dist.all_reduce(mean)  # every tp/pp rank holds its slice's loss: the mean over ranks is the dp mean
+        losses.append(mean.item() / world)
+        if pipeline and step == EVAL_AFTER:
+            first = _batches(model.cfg.vocab_size)[0, rows]
+            mean = pipeline.evaluate(first[:, :-1], first[:, 1:])
+            dist.all_reduce(mean)
+            eval_loss = mean.item() / world
+    weights = {  # this rank's stage(s), or the whole model
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for module in modules
+        for k, v in module.named_parameters()
+    }
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(weights, gathered, dst=0)
+    if rank == 0:
+        weights = {k: v for w in gathered for k, v in w.items()}
+        torch.save({"losses": losses, "eval_loss": eval_loss, "weights": weights}, out)
 
 
 _REFERENCES: dict[str, tuple] = {}
@@ -263,7 +242,7 @@ _REFERENCES: dict[str, tuple] = {}
 def _check_parity(tmp_path, layout: dict, model_name: str = "tiny") -> None:
     world = ParallelConfig(**layout).world_size
     out = str(tmp_path / "result.pt")
-    mp.spawn(_worker, args=(world, _free_port(), layout, model_name, out), nprocs=world, join=True)
+    spawn(_worker, world, world, layout, model_name, out)
     got = torch.load(out)
     if model_name not in _REFERENCES:
         _REFERENCES[model_name] = _reference(model_name)

@@ -67,7 +67,7 @@ def leave(code: int) -> NoReturn:
     this one failed) the process exits at once. Measured: 1 bad exit in 6 runs without this, 0 in 25 with it."""
     import torch.distributed as dist
 
-    if code == 0:
+    if code == 0 and dist.is_initialized():
         dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()

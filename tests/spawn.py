@@ -1,0 +1,35 @@
+"""Run a test function on N local gloo processes, started the way torchrun starts them."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mtnlg.parallel.launch import leave
+
+
+def spawn(fn: Callable[..., None], world: int, *args) -> None:
+    """Call fn(rank, *args) on `world` processes with torchrun's environment; fn joins the group itself
+    (init_process_group("gloo"), or mtnlg code that does). Raises if any process fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_run, args=(fn, world, port, args), nprocs=world, join=True)
+
+
+def _run(rank: int, fn: Callable[..., None], world: int, port: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    leave(0)
