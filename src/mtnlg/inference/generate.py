@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mtnlg.errors import MtnlgError
 from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
+from mtnlg.parallel import whole
 from mtnlg.tokenizer import Tokenizer
 
 
@@ -156,11 +157,6 @@ def _shared_seed(model: GPT, seed: int) -> int:
     return int(value)
 
 
-def _whole(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in fp32 with the whole vocabulary: a tensor-parallel model's are a vocabulary-sharded DTensor."""
-    return (logits.full_tensor() if hasattr(logits, "full_tensor") else logits).float()
-
-
 @torch.no_grad()
 def _decode(model: GPT, tokenizer: Tokenizer, rows: list[_Row], params: Sampling) -> Iterator[None]:
     """Advance every row one token per iteration, in one batched forward, until all have finished."""
@@ -184,7 +180,7 @@ def _decode(model: GPT, tokenizer: Tokenizer, rows: list[_Row], params: Sampling
     for i, row in enumerate(rows):
         seen[i, row.prompt] = True
     for _ in range(steps):
-        logits = _whole(model(tokens, positions=positions, cache=cache)[:, -1])
+        logits = whole(model(tokens, positions=positions, cache=cache)[:, -1]).float()
         chosen = choose(penalize(logits, params, counts, seen), params, [r.generator for r in rows])
         raw = logits.log_softmax(-1) if params.logprobs is not None else None
         for i, (row, token) in enumerate(zip(rows, chosen.tolist())):
@@ -235,7 +231,7 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
     stop_ids = _stop_ids(tokenizer, params)
     steps = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
     cache = KVCache(model.cfg, beams, len(prompt) + max(steps, 1), device, next(model.parameters()).dtype)
-    logits = _whole(model(torch.tensor([prompt] * beams, device=device), cache=cache)[:, -1])
+    logits = whole(model(torch.tensor([prompt] * beams, device=device), cache=cache)[:, -1]).float()
     scores = torch.full((beams,), float("-inf"), device=device)
     scores[0] = 0.0  # all beams start identical: expand only the first
     running: list[list[int]] = [[] for _ in range(beams)]
@@ -255,7 +251,7 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
         cache.reorder(torch.tensor([b for _, b, _ in keep], device=device))
         running = [running[b] + [t] for _, b, t in keep]
         scores = torch.tensor([s for s, _, _ in keep], device=device)
-        logits = _whole(model(torch.tensor([[t] for _, _, t in keep], device=device), cache=cache)[:, -1])
+        logits = whole(model(torch.tensor([[t] for _, _, t in keep], device=device), cache=cache)[:, -1]).float()
     else:
         done += [(s / max(1, len(ids)) ** params.length_penalty, ids, "length") for s, ids in zip(scores.tolist(), running)]
     best = sorted(done, key=lambda d: d[0], reverse=True)[: params.n]
@@ -344,5 +340,5 @@ def score(model: GPT, tokenizer: Tokenizer, texts: Sequence[str]) -> list[Scored
     for i, s in enumerate(sequences):
         batch[i, : len(s)] = torch.tensor(s)  # right padding: causal attention never looks at it
     batch = batch.to(device)
-    logprobs = F.log_softmax(_whole(model(batch[:, :-1])), -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
+    logprobs = F.log_softmax(whole(model(batch[:, :-1])).float(), -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
     return [Scored(s[1:], logprobs[i, : len(s) - 1].tolist()) for i, s in enumerate(sequences)]

@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from mtnlg.errors import MtnlgError
 from mtnlg.model.gpt import GPT
+from mtnlg.parallel import whole
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.parallelize import clip_grad_norm_, loss_parallel_scope, parallel_loss, parallelize
 
@@ -172,7 +173,7 @@ class Pipeline:
         """Micro-batches are equal, so the mean of their mean losses is the batch's; sent from the last stage."""
         loss = torch.zeros((), device=device)
         if self.is_last:
-            loss = torch.stack([_plain(x).detach() for x in losses]).mean()
+            loss = torch.stack([whole(x).detach() for x in losses]).mean()
         dist.broadcast(loss, group=self.pp_group, group_src=self.dims.pp - 1)
         return loss
 
@@ -192,7 +193,3 @@ class Pipeline:
         """Clip by the global gradient norm of the whole model, the tied embedding counted once."""
         duplicate = [self._tied_weight()] if self.is_last and self.tied_group is not None else []
         return clip_grad_norm_(self.parameters(), max_norm, pp_group=self.pp_group, uncounted=duplicate)
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.full_tensor() if isinstance(x, DTensor) else x

@@ -13,11 +13,11 @@ so an interrupted save never becomes the checkpoint a resume picks up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,26 +61,17 @@ def save_training_checkpoint(
     weights into model.safetensors and moves the finished directory into place."""
     import torch.distributed.checkpoint as dcp
 
-    tmp = directory.with_name(directory.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state = _state_dicts(parts)
-    _name_tied_optimizer_state_twice(parts, state["optim"])
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
-    if is_main:
-        try:
+    with atomic_directory(directory) if is_main else contextlib.nullcontext(_temporary(directory)) as tmp:
+        _barrier()  # rank 0 has made the temporary folder
+        state = _state_dicts(parts)
+        _name_tied_optimizer_state_twice(parts, state["optim"])
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())  # returns once all wrote
+        if is_main:
             _write_description(tmp, config, tokenizer)
             torch.save(trainer_state, tmp / TRAINER_STATE)
             consolidate(tmp, config)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.rename(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    _barrier()
+    _barrier()  # no rank goes on before the checkpoint is in place
     return directory
 
 
@@ -136,11 +127,10 @@ def _options():
     return StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
 
 
-def consolidate(checkpoint: Path, config: Config | None = None) -> Path:
+def consolidate(checkpoint: Path, config: Config) -> None:
     """Write model.safetensors from state/ in this process alone: the whole model, however it was sharded."""
     import torch.distributed.checkpoint as dcp
 
-    config = config or load_config_file(checkpoint)
     model = GPT(config.model)
     state = {"model": model.state_dict()}
     with _quiet_single_process():
@@ -149,10 +139,9 @@ def consolidate(checkpoint: Path, config: Config | None = None) -> Path:
     tmp = checkpoint / (MODEL_FILE + ".tmp")
     safetensors.torch.save_model(model, str(tmp))
     os.replace(tmp, checkpoint / MODEL_FILE)
-    return checkpoint / MODEL_FILE
 
 
-@contextmanager
+@contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
     """DCP warns that it assumes one process when no group exists; alone, that is exactly what we mean."""
     import warnings
@@ -175,10 +164,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_directory(directory: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill: on success it replaces `directory`, on failure it vanishes."""
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = _temporary(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -188,6 +177,10 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _temporary(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".tmp")
 
 
 def mark_latest(checkpoint: Path) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from mtnlg.config import Config
@@ -20,6 +19,7 @@ from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
 from mtnlg.model.flops import model_size, peak_flops
 from mtnlg.model.gpt import GPT
+from mtnlg.parallel import whole
 from mtnlg.parallel.launch import init_distributed
 from mtnlg.parallel.parallelize import clip_grad_norm_, loss_context, parallel_loss, parallelize
 from mtnlg.parallel.pipeline import Pipeline
@@ -149,9 +149,9 @@ class Trainer:
         peak = peak_flops(self.device, self.compute_dtype) * self.dims.cfg.world_size
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        checkpoint, val_loss = None, None
+        checkpoint, val_loss, stopping = None, None, self._stopping()
         try:
-            while self.step < tc.max_steps and not self._stopping():
+            while self.step < tc.max_steps and not stopping:
                 start = time.perf_counter()
                 loss, grad_norm, batch_size = self.train_step()
                 elapsed = time.perf_counter() - start
@@ -177,7 +177,8 @@ class Trainer:
                     if metrics:
                         metrics.log(self.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
                         bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-                if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps or self._stopping():
+                stopping = self._stopping()
+                if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps or stopping:
                     checkpoint = self.save()
         finally:
             for s, handler in previous.items():
@@ -208,11 +209,12 @@ class Trainer:
         for _, optimizer in self.parts:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return self._mean_over_ranks(loss), float(_local(grad_norm)), batch_size
+        return self._mean_over_ranks(loss), float(whole(grad_norm)), batch_size
 
     def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward micro-batch by micro-batch; returns the mean loss."""
-        micro_batches = list(zip(inputs.split(self.config.train.micro_batch_size), targets.split(self.config.train.micro_batch_size)))
+        size = self.config.train.micro_batch_size
+        micro_batches = list(zip(inputs.split(size), targets.split(size)))
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             if self.dist.mesh is not None and hasattr(self.model, "set_requires_gradient_sync"):
@@ -222,7 +224,7 @@ class Trainer:
             with loss_context(logits):
                 loss = parallel_loss(logits, y) / len(micro_batches)
                 loss.backward()
-            total += _local(loss).detach()
+            total += whole(loss).detach()
         return total
 
     @torch.no_grad()
@@ -242,7 +244,7 @@ class Trainer:
                 continue
             with self.autocast:
                 logits = self.forward(inputs)
-            total += _local(parallel_loss(logits, targets)) / tc.eval_batches
+            total += whole(parallel_loss(logits, targets)) / tc.eval_batches
         return self._mean_over_ranks(total)
 
     def _my_slice(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,11 +293,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise MtnlgError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu or auto")
     return torch.device(name)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor's value as a plain tensor (loss and norms under tensor parallelism)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _check_pipeline_batch(config: Config, dp_size: int) -> None:
