@@ -77,7 +77,9 @@ def test_tensor_parallel_generation_matches_one_process(checkpoints, tmp_path, n
 
 @pytest.mark.slow
 def test_cli_generate_under_torchrun_prints_once(checkpoints, capsys):
-    args = ["generate", str(checkpoints["llama-tiny"]), "--prompt", "hello", "--max-new-tokens", "20", "--temperature", "0"]
+    # --num-completions: torchrun would claim --n for itself
+    args = ["generate", str(checkpoints["llama-tiny"]), "--prompt", "hello", "--max-new-tokens", "20", "--seed", "1",
+            "--num-completions", "2"]
     assert main(args) == 0
     alone = capsys.readouterr().out
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -86,7 +88,7 @@ def test_cli_generate_under_torchrun_prints_once(checkpoints, capsys):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    assert run.stdout == alone and alone.startswith("hello")
+    assert run.stdout == alone and alone.count("--- prompt 0") == 2
 
 
 def test_tensor_parallel_layout_errors(checkpoints, monkeypatch, capsys):

@@ -98,17 +98,19 @@ def test_pipeline_resumes_from_one_process_and_back(tiny_config, tmp_path):
     assert_close(losses(run), losses(reference))
 
 
-def test_pipeline_batch_must_be_its_micro_batches(tiny_config):
-    from mtnlg.train.trainer import _check_pipeline_batch
+def test_pipeline_rules(tiny_config):
+    from mtnlg.train.trainer import _check_pipeline
 
     ok = tiny_config("--parallel.pp=2", "--parallel.microbatches=2", "--train.global_batch_size=8")
-    _check_pipeline_batch(ok, dp_size=1)  # 8 samples = 2 micro-batches of 4
+    _check_pipeline(ok, dp_size=1)  # 8 samples = 2 micro-batches of 4
     with pytest.raises(MtnlgError, match=r"rank's 4 samples .* parallel.microbatches \(2\) micro-batches of "
                                          r"train.micro_batch_size \(4\).*train.global_batch_size = 16"):
-        _check_pipeline_batch(ok, dp_size=2)
+        _check_pipeline(ok, dp_size=2)
     ramp = tiny_config("--train.rampup_start=4", "--train.rampup_increment=4", "--train.rampup_samples=64")
     with pytest.raises(MtnlgError, match="batch-size ramp-up does not work with pipeline parallelism"):
-        _check_pipeline_batch(ramp, dp_size=1)
+        _check_pipeline(ramp, dp_size=1)
+    with pytest.raises(MtnlgError, match="train.compile does not apply to pipeline stages"):
+        _check_pipeline(tiny_config("--train.compile=true"), dp_size=1)
 
 
 @pytest.mark.slow

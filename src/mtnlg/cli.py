@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line, or .jsonl of strings / {\"prompt\": ...}")
-    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--n", "--num-completions", dest="n", type=int, default=1,
+                   help="completions per prompt (under torchrun spell it --num-completions: torchrun claims --n)")
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--logprobs", type=int, help="report log-probabilities with the top N alternatives")

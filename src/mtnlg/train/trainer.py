@@ -63,7 +63,7 @@ class Trainer:
         for batch_size in _ramp(tc):
             self.dims.validate_batch(batch_size, tc.micro_batch_size)
         if self.dims.pp > 1:
-            _check_pipeline_batch(config, self.dims.dp_size)
+            _check_pipeline(config, self.dims.dp_size)
         bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -91,7 +91,7 @@ class Trainer:
             parallelize(self.model, self.dims, self.dist.mesh, param_dtype)
         modules = self.pipeline.stages if self.pipeline else [self.model]
         self.parts = [(m, build_optimizer(m, tc, fused=self.device.type == "cuda")) for m in modules]
-        self.forward = torch.compile(self.model) if tc.compile and self.model is not None else self.model
+        self.forward = torch.compile(self.model) if tc.compile else self.model
         self.loader = BatchLoader(self.train_data)
         self.step = 0
         if resume_from is not None:
@@ -295,10 +295,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_pipeline_batch(config: Config, dp_size: int) -> None:
+def _check_pipeline(config: Config, dp_size: int) -> None:
     """A pipeline step runs each data-parallel rank's whole slice as parallel.microbatches micro-batches of
-    train.micro_batch_size: the three numbers must agree, and stay fixed (no batch-size ramp-up)."""
+    train.micro_batch_size: the three numbers must agree, and stay fixed (no batch-size ramp-up). Stages
+    run eagerly."""
     tc, pc = config.train, config.parallel
+    if tc.compile:
+        raise MtnlgError("train.compile does not apply to pipeline stages; set train.compile = false or parallel.pp = 1")
     if tc.rampup_start:
         raise MtnlgError("batch-size ramp-up does not work with pipeline parallelism (the schedule's micro-batches "
                          "are fixed); set train.rampup_start = 0 or parallel.pp = 1")
