@@ -13,14 +13,16 @@ beat it.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
+from functools import partial
 
 import torch
 
 from mtnlg.config import ModelConfig
-from mtnlg.inference.cpu import pack_for_cpu_inference
+from mtnlg.inference.cpu import PackedLinear, Slice, pack_for_cpu_inference
 from mtnlg.inference.generate import Sampling, generate
 from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
@@ -36,6 +38,17 @@ def measure_bandwidth(megabytes: int = 1024) -> float:
         x.sum()
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best
+
+
+def bytes_per_step(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every packed matrix and every other parameter except the two
+    embedding tables, of which a step reads one row each (the LM head's packed copy counts the tied one)."""
+    packed = [m.packed[0] if isinstance(m, Slice) else m for m in model.modules() if isinstance(m, (PackedLinear, Slice))]
+    packed = {id(m): m for m in packed}.values()  # slices of one product share it
+    matrices = sum(m.weight.numel() * m.weight.element_size() for m in packed)
+    biases = sum(m.bias.numel() * m.bias.element_size() for m in packed if m.bias is not None)
+    rest = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.endswith("_emb.weight"))
+    return matrices + biases + rest
 
 
 def timed(fn) -> float:
@@ -60,31 +73,34 @@ def main() -> None:
     logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("gpt2", vocab_size=50257)
-    ours = GPT(cfg).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters()) - cfg.max_seq_len * cfg.d_model * 4
-    pack_for_cpu_inference(ours)  # what mtnlg.load does on CPU
+    plain = GPT(cfg).eval()
+    models = {  # what mtnlg.load does on CPU, with fp32 and with bf16 weights
+        "mtnlg": pack_for_cpu_inference(copy.deepcopy(plain)),
+        "mtnlg-bf16": pack_for_cpu_inference(copy.deepcopy(plain), torch.bfloat16),
+    }
+    step_bytes = {name: bytes_per_step(model) for name, model in models.items()}
+    step_bytes["hf"] = step_bytes["mtnlg"]
     hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12)).eval()
     tokenizer = Tokenizer.train(["benchmark"], 300)
     params = Sampling(temperature=0, max_new_tokens=args.new, ignore_eos=True)
     bandwidths = [measure_bandwidth()]
 
-    print(f"GPT-2 124M shape, fp32, {args.threads} threads, prompt {args.prompt}, {args.new} new tokens, greedy, "
-          f"torch {torch.__version__}")
+    print(f"GPT-2 124M shape, fp32 activations, {args.threads} threads, prompt {args.prompt}, {args.new} new tokens, "
+          f"greedy, torch {torch.__version__}")
     results = []
     for batch in args.batches:
         prompts = torch.randint(0, 300, (batch, args.prompt))
-        runs = {
-            "mtnlg": lambda: generate(ours, tokenizer, prompts.tolist(), params),
-            "hf": lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                      max_new_tokens=args.new, min_new_tokens=args.new, use_cache=True,
-                                      pad_token_id=0),
+        runs = {name: partial(generate, model, tokenizer, prompts.tolist(), params) for name, model in models.items()}
+        runs["hf"] = lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                         max_new_tokens=args.new, min_new_tokens=args.new, use_cache=True,
+                                         pad_token_id=0)
+        prefill = {  # a fresh cache each call
+            name: lambda model=model: model(prompts, cache=KVCache(cfg, batch, args.prompt, "cpu", torch.float32))
+            for name, model in models.items()
         }
-        prefill = {
-            "mtnlg": lambda: ours(prompts, cache=KVCache(cfg, batch, args.prompt, "cpu", torch.float32)),
-            "hf": lambda: hf(prompts, use_cache=True),
-        }
-        totals: dict[str, list[float]] = {"mtnlg": [], "hf": []}
-        prefills: dict[str, list[float]] = {"mtnlg": [], "hf": []}
+        prefill["hf"] = lambda: hf(prompts, use_cache=True)
+        totals: dict[str, list[float]] = {name: [] for name in runs}
+        prefills: dict[str, list[float]] = {name: [] for name in runs}
         with torch.no_grad():
             for name in runs:  # warm up
                 runs[name]()
@@ -98,19 +114,22 @@ def main() -> None:
             results.append((batch, name, total - pre, pre))
 
     bandwidth = max(bandwidths)
-    floor = weight_bytes / bandwidth
     print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (best of {len(bandwidths)} streaming reads, "
-          f"{min(bandwidths) / 1e9:.1f} the worst); weights read per step {weight_bytes / 1e6:.0f} MB "
-          f"-> floor {floor * 1e3:.1f} ms/step = {1 / floor:.1f} tokens/s at batch 1")
+          f"{min(bandwidths) / 1e9:.1f} the worst)")
+    for name in models:
+        floor = step_bytes[name] / bandwidth
+        print(f"{name:<10} reads {step_bytes[name] / 1e6:.0f} MB per step -> floor {floor * 1e3:.1f} ms/step = "
+              f"{1 / floor:.1f} tokens/s at batch 1")
     rate = {}
     for batch, name, decode, pre in results:
         rate[batch, name] = batch * args.new / decode
         step_ms = decode / args.new * 1e3
-        print(f"batch {batch} {name:<6} decode {rate[batch, name]:8.1f} tokens/s ({step_ms:6.1f} ms/step, "
-              f"{step_ms / (floor * 1e3):.2f}x floor)  prefill {batch * args.prompt / pre:8.0f} tokens/s")
+        floor_ms = step_bytes[name] / bandwidth * 1e3
+        print(f"batch {batch} {name:<10} decode {rate[batch, name]:8.1f} tokens/s ({step_ms:6.1f} ms/step, "
+              f"{step_ms / floor_ms:.2f}x its floor)  prefill {batch * args.prompt / pre:8.0f} tokens/s")
         if name == "hf":
-            print(f"batch {batch} ratio mtnlg / hf: {rate[batch, 'mtnlg'] / rate[batch, 'hf']:.2f}")
-
+            print(f"batch {batch} ratio mtnlg / hf: {rate[batch, 'mtnlg'] / rate[batch, 'hf']:.2f}; "
+                  f"mtnlg-bf16 / hf: {rate[batch, 'mtnlg-bf16'] / rate[batch, 'hf']:.2f}")
 
 if __name__ == "__main__":
     main()

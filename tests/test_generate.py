@@ -212,3 +212,29 @@ def test_packed_cpu_inference_matches_the_plain_model(tiny_data):
             cache = KVCache(plain.cfg, 3, 20, "cpu", torch.float32)
             steps = torch.cat([packed(x[:, :12], cache=cache)] + [packed(x[:, i : i + 1], cache=cache) for i in range(12, 20)], 1)
             torch.testing.assert_close(steps, plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_for_inference(tiny_data, tmp_path):
+    """bf16 packing halves the bytes a decode step reads; logits stay within bf16's precision of fp32."""
+    import copy
+
+    from mtnlg.config import Config
+    from mtnlg.inference.cpu import pack_for_cpu_inference
+    from mtnlg.model.gpt import GPT
+    from mtnlg.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    plain = GPT(ModelConfig.from_name("llama-tiny")).eval()
+    packed = pack_for_cpu_inference(copy.deepcopy(plain), torch.bfloat16)
+    assert packed.lm_head.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        got, want = packed(x), plain(x)
+    assert got.dtype == torch.float32
+    assert 0 < (got - want).abs().max() < 0.02 * want.abs().max()
+
+    path = save_checkpoint(tmp_path / "ckpt", plain, Config(model=plain.cfg), Tokenizer.load(tiny_data.parent))
+    text = mtnlg.load(path, dtype="bf16").generate("The model", max_new_tokens=8, temperature=0, ignore_eos=True)[0]
+    assert len(text.token_ids) == 8
+    with pytest.raises(MtnlgError, match="dtype 'fp16' is not one of: fp32, bf16"):
+        mtnlg.load(path, dtype="fp16")

@@ -46,21 +46,32 @@ class LanguageModel:
         return score(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts))
 
 
-def load(path: str | Path, device: str | torch.device | None = None, tp: int = 1) -> LanguageModel:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load(path: str | Path, device: str | torch.device | None = None, tp: int = 1, dtype: str = "fp32") -> LanguageModel:
     """Load a checkpoint, run directory or imported model for inference; on CUDA when available unless
     told otherwise, and on CPU with weights packed for fast matrix-vector products.
 
     tp > 1 splits the model over tp processes started by torchrun: each calls `load`, then the same
     generate/stream/score calls (they communicate in every forward), and at the end
     `mtnlg.parallel.launch.shutdown()`.
+
+    dtype "bf16" keeps the matrix weights in bf16: a decode step reads half the bytes (about twice as fast
+    on CPU), and the numbers differ from fp32 at bf16's precision.
     """
+    from mtnlg.errors import MtnlgError
     from mtnlg.inference.cpu import pack_for_cpu_inference
     from mtnlg.train.checkpoint import load_model
 
+    if dtype not in DTYPES:
+        raise MtnlgError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if tp != 1:  # packing is for plain weights; these are sharded DTensors
         from mtnlg.inference.distributed import load_tensor_parallel
 
-        return LanguageModel(*load_tensor_parallel(path, tp, device))
+        return LanguageModel(*load_tensor_parallel(path, tp, device, DTYPES[dtype]))
     model, tokenizer, config = load_model(path, device)
-    return LanguageModel(pack_for_cpu_inference(model) if device.type == "cpu" else model, tokenizer, config)
+    if device.type == "cpu":
+        return LanguageModel(pack_for_cpu_inference(model, DTYPES[dtype]), tokenizer, config)
+    return LanguageModel(model.to(DTYPES[dtype]), tokenizer, config)

@@ -91,7 +91,7 @@ def _generate(args: argparse.Namespace, tp: int) -> None:
     prompts = list(args.prompt or []) + (_read_prompts(Path(args.prompts_file)) if args.prompts_file else [])
     if not prompts:
         raise MtnlgError("nothing to generate from; pass --prompt TEXT or --prompts-file FILE")
-    model = mtnlg.load(args.checkpoint, args.device, tp=tp)
+    model = mtnlg.load(args.checkpoint, args.device, tp=tp, dtype=args.dtype)
     if not args.json and len(prompts) == 1 and args.n == 1 and args.num_beams == 1:
         sys.stdout.write("" if args.echo else prompts[0])
         _print_stream(model, prompts[0], params)
@@ -141,7 +141,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     """A quick try in the terminal: the transcript so far is the prompt of each reply."""
     import mtnlg
 
-    model = mtnlg.load(args.checkpoint, args.device)
+    model = mtnlg.load(args.checkpoint, args.device, dtype=args.dtype)
     params = {**_sampling(args), "truncate": True, "stop": ["\nUser:"]}
     transcript = ""
     print("mtnlg chat: type a message, an empty line or Ctrl-D to quit.")
@@ -183,6 +183,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> 
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights for inference: bf16 reads half the bytes per token (about 2x faster decoding on CPU)")
 
 
 def _sampling(args: argparse.Namespace) -> dict:

@@ -21,7 +21,9 @@ from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.checkpoint import load_config_file, load_model, resolve_checkpoint
 
 
-def load_tensor_parallel(path: str | Path, tp: int, device: torch.device) -> tuple[GPT, Tokenizer, Config]:
+def load_tensor_parallel(
+    path: str | Path, tp: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[GPT, Tokenizer, Config]:
     """Build the checkpoint's model split over `tp` processes; every one of them must call this.
 
     The layout is checked against the launch and the model before any communication or weight loading.
@@ -36,4 +38,4 @@ def load_tensor_parallel(path: str | Path, tp: int, device: torch.device) -> tup
     ParallelDims(parallel, running).validate_model(load_config_file(resolve_checkpoint(path)).model)
     dist = init_distributed(parallel, device)
     model, tokenizer, config = load_model(path, dist.device)
-    return parallelize(model, dist.dims, dist.mesh), tokenizer, config
+    return parallelize(model.to(dtype), dist.dims, dist.mesh), tokenizer, config
