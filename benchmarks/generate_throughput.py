@@ -5,7 +5,9 @@ prompt and 128 new tokens (end-of-text ignored, so every run is full length), ba
 alternating in one process. The floor is the time to read every weight once per decode step at the
 memory bandwidth measured in the same run (the best of a streaming read taken before every round, so
 a quiet moment on a shared machine makes the floor stricter, never looser): at batch 1 decoding can't
-beat it.
+beat it. Under each of our decodes, the step is split into its matrix products run back to back with
+nothing between them (best of 5) and the rest (attention over the cache, norms, activations, Python, and
+whatever the products lose to the work between them): the kernels' share and ours.
 
     .venv/bin/python benchmarks/generate_throughput.py
 """
@@ -40,15 +42,33 @@ def measure_bandwidth(megabytes: int = 1024) -> float:
     return x.numel() * 4 / best
 
 
+def products(model: torch.nn.Module) -> list[PackedLinear]:
+    """Every packed product of the model once, those behind slices included (slices of one share it)."""
+    packed = [m.packed[0] if isinstance(m, Slice) else m for m in model.modules() if isinstance(m, (PackedLinear, Slice))]
+    return list({id(m): m for m in packed}.values())
+
+
 def bytes_per_step(model: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every packed matrix and every other parameter except the two
     embedding tables, of which a step reads one row each (the LM head's packed copy counts the tied one)."""
-    packed = [m.packed[0] if isinstance(m, Slice) else m for m in model.modules() if isinstance(m, (PackedLinear, Slice))]
-    packed = {id(m): m for m in packed}.values()  # slices of one product share it
+    packed = products(model)
     matrices = sum(m.weight.numel() * m.weight.element_size() for m in packed)
     biases = sum(m.bias.numel() * m.bias.element_size() for m in packed if m.bias is not None)
     rest = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.endswith("_emb.weight"))
     return matrices + biases + rest
+
+
+def products_alone_time(model: torch.nn.Module, cfg: ModelConfig, prompts: torch.Tensor) -> float:
+    """Seconds the matrix products of one decode step take when run back to back, on the inputs they had
+    in the step, with nothing between them (best of 5)."""
+    cache = KVCache(cfg, prompts.size(0), prompts.size(1) + 1, "cpu", torch.float32)
+    model(prompts, cache=cache)
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, args, out: calls.append((m, args[0]))) for m in products(model)]
+    model(prompts[:, -1:], cache=cache)
+    for hook in hooks:
+        hook.remove()
+    return min(timed(lambda: [m(x) for m, x in calls]) for _ in range(5))
 
 
 def timed(fn) -> float:
@@ -101,6 +121,7 @@ def main() -> None:
         prefill["hf"] = lambda: hf(prompts, use_cache=True)
         totals: dict[str, list[float]] = {name: [] for name in runs}
         prefills: dict[str, list[float]] = {name: [] for name in runs}
+        alone: dict[str, list[float]] = {name: [] for name in models}
         with torch.no_grad():
             for name in runs:  # warm up
                 runs[name]()
@@ -109,9 +130,12 @@ def main() -> None:
                 for name in runs:
                     prefills[name].append(timed(prefill[name]))
                     totals[name].append(timed(runs[name]))
+                for name, model in models.items():
+                    alone[name].append(products_alone_time(model, cfg, prompts))
         for name in runs:
             total, pre = statistics.median(totals[name]), statistics.median(prefills[name])
-            results.append((batch, name, total - pre, pre))
+            products = statistics.median(alone[name]) if name in alone else None
+            results.append((batch, name, total - pre, pre, products))
 
     bandwidth = max(bandwidths)
     print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (best of {len(bandwidths)} streaming reads, "
@@ -121,12 +145,15 @@ def main() -> None:
         print(f"{name:<10} reads {step_bytes[name] / 1e6:.0f} MB per step -> floor {floor * 1e3:.1f} ms/step = "
               f"{1 / floor:.1f} tokens/s at batch 1")
     rate = {}
-    for batch, name, decode, pre in results:
+    for batch, name, decode, pre, products in results:
         rate[batch, name] = batch * args.new / decode
         step_ms = decode / args.new * 1e3
         floor_ms = step_bytes[name] / bandwidth * 1e3
         print(f"batch {batch} {name:<10} decode {rate[batch, name]:8.1f} tokens/s ({step_ms:6.1f} ms/step, "
               f"{step_ms / floor_ms:.2f}x its floor)  prefill {batch * args.prompt / pre:8.0f} tokens/s")
+        if products is not None:
+            print(f"{'':19}matrix products alone {products * 1e3:5.1f} ms/step ({products * 1e3 / floor_ms:.2f}x the floor, "
+                  f"the step {step_ms / (products * 1e3):.2f}x them), the rest of a step {step_ms - products * 1e3:4.1f} ms")
         if name == "hf":
             print(f"batch {batch} ratio mtnlg / hf: {rate[batch, 'mtnlg'] / rate[batch, 'hf']:.2f}; "
                   f"mtnlg-bf16 / hf: {rate[batch, 'mtnlg-bf16'] / rate[batch, 'hf']:.2f}")
