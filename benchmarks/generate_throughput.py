@@ -114,11 +114,12 @@ def main() -> None:
         runs["hf"] = lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                          max_new_tokens=args.new, min_new_tokens=args.new, use_cache=True,
                                          pad_token_id=0)
-        prefill = {  # a fresh cache each call
-            name: lambda model=model: model(prompts, cache=KVCache(cfg, batch, args.prompt, "cpu", torch.float32))
+        prefill = {  # a fresh cache each call; logits of the last position only, as both generates ask
+            name: lambda model=model: model(prompts, cache=KVCache(cfg, batch, args.prompt, "cpu", torch.float32),
+                                            last_only=True)
             for name, model in models.items()
         }
-        prefill["hf"] = lambda: hf(prompts, use_cache=True)
+        prefill["hf"] = lambda: hf(prompts, use_cache=True, logits_to_keep=1)
         totals: dict[str, list[float]] = {name: [] for name in runs}
         prefills: dict[str, list[float]] = {name: [] for name in runs}
         alone: dict[str, list[float]] = {name: [] for name in models}

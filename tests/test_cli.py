@@ -106,7 +106,7 @@ def test_generate_prompts_file_json_and_beams(capsys, tmp_path, tiny_run):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"The model"\n{"prompt": "Loss"}\n')
     code, out, _ = run(capsys, "generate", tiny_run, "--prompts-file", prompts, "--json", "--n", "2", "--seed", "1",
-                       "--max-new-tokens", "4", "--logprobs", "1", "--ignore-eos")
+                       "--max-new-tokens", "4", "--logprobs", "1", "--ignore-eos", "--batch-size", "2")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [(r["index"], r["prompt"]) for r in rows] == [(0, "The model")] * 2 + [(1, "Loss")] * 2
     assert all(len(r["token_ids"]) == 4 == len(r["logprobs"]) and r["finish_reason"] == "length" for r in rows)
@@ -115,6 +115,8 @@ def test_generate_prompts_file_json_and_beams(capsys, tmp_path, tiny_run):
     prompts.write_text("{broken\n")
     assert_user_error(capsys, "prompts.jsonl:1: invalid JSON", "generate", tiny_run, "--prompts-file", prompts)
     assert_user_error(capsys, "nothing to generate from", "generate", tiny_run)
+    assert_user_error(capsys, "batch size 0 is not positive", "generate", tiny_run, "--prompt", "a", "--prompt", "b",
+                      "--batch-size", "0")
 
 
 def test_chat_streams_replies_until_eof(tiny_run):

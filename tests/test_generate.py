@@ -95,6 +95,33 @@ def test_score_batches_texts_of_different_lengths(lm):
         torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
 
 
+def _rows_per_forward(lm):
+    """Batch sizes the model sees, recorded until the returned hook is removed."""
+    rows = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args: rows.append(args[0].size(0)))
+    return rows, hook
+
+
+def test_many_prompts_run_batch_size_sequences_at_a_time(lm):
+    prompts = PROMPTS + ["Loss", "The model learns to"]
+    rows, hook = _rows_per_forward(lm)
+    batched = lm.generate(prompts, batch_size=4, max_new_tokens=6, seed=5, n=2, ignore_eos=True)
+    hook.remove()
+    assert max(rows) == 4 and rows.count(2) == 6  # 2+2+1 prompts x 2 completions: the last batch decodes 2 rows
+    together = lm.generate(prompts, max_new_tokens=6, seed=5, n=2, ignore_eos=True)
+    assert [c.index for c in batched] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [(c.index, c.token_ids) for c in batched] == [(c.index, c.token_ids) for c in together]
+    texts = prompts + ["Steps pass."]
+    rows, hook = _rows_per_forward(lm)
+    scored = lm.score(texts, batch_size=4)
+    hook.remove()
+    assert rows == [4, 2]
+    for a, b in zip(scored, lm.score(texts)):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    with pytest.raises(MtnlgError, match="batch size 0 is not positive"):
+        lm.generate("The", batch_size=0)
+
+
 def test_overlong_prompts_are_refused_or_truncated(lm):
     long = "the model " * 60
     with pytest.raises(MtnlgError, match=r"the prompt has \d+ tokens but the model's context is 64"):
@@ -137,7 +164,7 @@ class TableModel(torch.nn.Module):
         self.table = torch.nn.Parameter(table, requires_grad=False)
         self.prompt_len, self.scripted = prompt_len, scripted
 
-    def forward(self, tokens, positions=None, cache=None):
+    def forward(self, tokens, positions=None, cache=None, last_only=False):
         start = cache.length
         cache.advance(tokens.size(1))
         if not self.scripted:

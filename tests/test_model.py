@@ -52,6 +52,10 @@ def test_kv_cache_decoding_matches_full_forward(name):
     pieces = [model(x[:, :7], cache=cache), model(x[:, 7:12], cache=cache)]
     pieces += [model(x[:, i : i + 1], cache=cache) for i in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    cache = KVCache(model.cfg, 2, 20, "cpu", torch.float32)
+    last = model(x[:, :12], cache=cache, last_only=True)  # what sampling asks of a prompt
+    assert last.shape == (2, 1, model.cfg.vocab_size)
+    torch.testing.assert_close(last, full[:, 11:12], atol=1e-5, rtol=1e-5)
 
 
 def test_mt_nlg_init_scales_residual_projections():

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mtnlg.inference.generate import BATCH_SIZE
+
 __version__ = "0.1.0"
 
 
@@ -27,23 +29,27 @@ class LanguageModel:
     def __init__(self, model: Any, tokenizer: Any, config: Any):
         self.model, self.tokenizer, self.config = model, tokenizer, config
 
-    def generate(self, prompts: str | Sequence[str], **sampling: Any) -> list:
+    def generate(self, prompts: str | Sequence[str], batch_size: int = BATCH_SIZE, **sampling: Any) -> list:
         """Completions (`mtnlg.inference.generate.Completion`), `n` per prompt, prompt-major."""
-        from mtnlg.inference.generate import Sampling, generate
+        return list(self.completions(prompts, batch_size, **sampling))
+
+    def completions(self, prompts: str | Sequence[str], batch_size: int = BATCH_SIZE, **sampling: Any) -> Iterator:
+        """`generate`, yielding completions as each batch of `batch_size` sequences finishes."""
+        from mtnlg.inference.generate import Sampling, completions
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return generate(self.model, self.tokenizer, prompts, Sampling(**sampling))
+        return completions(self.model, self.tokenizer, prompts, Sampling(**sampling), batch_size)
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         from mtnlg.inference.generate import Sampling, stream
 
         return stream(self.model, self.tokenizer, prompt, Sampling(**sampling))
 
-    def score(self, texts: str | Sequence[str]) -> list:
+    def score(self, texts: str | Sequence[str], batch_size: int = BATCH_SIZE) -> list:
         """Per-token log-likelihoods (`Scored`) of each text."""
         from mtnlg.inference.generate import score
 
-        return score(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts))
+        return score(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts), batch_size)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mtnlg.errors import MtnlgError
+from mtnlg.inference.generate import BATCH_SIZE
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -85,6 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace, tp: int) -> None:
     import json
 
+    from tqdm import tqdm
+
     import mtnlg
 
     params = _sampling(args)
@@ -96,11 +99,17 @@ def _generate(args: argparse.Namespace, tp: int) -> None:
         sys.stdout.write("" if args.echo else prompts[0])
         _print_stream(model, prompts[0], params)
         return
-    for completion in model.generate(prompts, **params):
+    bar = tqdm(total=len(prompts) * args.n, unit=" completions", file=sys.stderr, leave=False,
+               disable=None if os.environ.get("RANK", "0") == "0" else True)
+    for completion in model.completions(prompts, args.batch_size, **params):
+        prompt = prompts[completion.index]
         if args.json:
-            print(json.dumps({"prompt": prompts[completion.index], **vars(completion)}, ensure_ascii=False))
+            bar.write(json.dumps({"prompt": prompt, **vars(completion)}, ensure_ascii=False), file=sys.stdout)
         else:
-            print(f"--- prompt {completion.index} ({completion.finish_reason})\n{prompts[completion.index]}{completion.text}")
+            bar.write(f"--- prompt {completion.index} ({completion.finish_reason})\n{prompt}{completion.text}", file=sys.stdout)
+        sys.stdout.flush()  # each batch is on disk as soon as it is done
+        bar.update()
+    bar.close()
 
 
 @contextlib.contextmanager
@@ -289,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="one prompt per line, or .jsonl of strings / {\"prompt\": ...}")
     p.add_argument("--n", "--num-completions", dest="n", type=int, default=1,
                    help="completions per prompt (under torchrun spell it --num-completions: torchrun claims --n)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="sequences decoded together (default %(default)s): more is faster per token and takes more memory")
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--logprobs", type=int, help="report log-probabilities with the top N alternatives")

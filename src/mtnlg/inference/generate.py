@@ -21,6 +21,10 @@ from mtnlg.model.kv_cache import KVCache
 from mtnlg.parallel import whole
 from mtnlg.tokenizer import Tokenizer
 
+# Sequences decoded (or scored) together by default: batches amortize reading the weights, and a cap keeps
+# the KV cache and padding of a long prompts file bounded.
+BATCH_SIZE = 16
+
 
 @dataclass
 class Sampling:
@@ -180,7 +184,7 @@ def _decode(model: GPT, tokenizer: Tokenizer, rows: list[_Row], params: Sampling
     for i, row in enumerate(rows):
         seen[i, row.prompt] = True
     for _ in range(steps):
-        logits = whole(model(tokens, positions=positions, cache=cache)[:, -1]).float()
+        logits = _next_logits(model, tokens, cache, positions)
         chosen = choose(penalize(logits, params, counts, seen), params, [r.generator for r in rows])
         raw = logits.log_softmax(-1) if params.logprobs is not None else None
         for i, (row, token) in enumerate(zip(rows, chosen.tolist())):
@@ -208,6 +212,11 @@ def _decode(model: GPT, tokenizer: Tokenizer, rows: list[_Row], params: Sampling
         row.finish = row.finish or "length"
 
 
+def _next_logits(model: GPT, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits [batch, vocab] for the token after `tokens` (whole ones under tensor parallelism)."""
+    return whole(model(tokens, positions=positions, cache=cache, last_only=True)[:, -1]).float()
+
+
 def _stop_ids(tokenizer: Tokenizer, params: Sampling) -> set[int]:
     return set(params.stop_token_ids) | (set() if params.ignore_eos else {tokenizer.eod_id})
 
@@ -231,7 +240,7 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
     stop_ids = _stop_ids(tokenizer, params)
     steps = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
     cache = KVCache(model.cfg, beams, len(prompt) + max(steps, 1), device, next(model.parameters()).dtype)
-    logits = whole(model(torch.tensor([prompt] * beams, device=device), cache=cache)[:, -1]).float()
+    logits = _next_logits(model, torch.tensor([prompt] * beams, device=device), cache)
     scores = torch.full((beams,), float("-inf"), device=device)
     scores[0] = 0.0  # all beams start identical: expand only the first
     running: list[list[int]] = [[] for _ in range(beams)]
@@ -251,7 +260,7 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
         cache.reorder(torch.tensor([b for _, b, _ in keep], device=device))
         running = [running[b] + [t] for _, b, t in keep]
         scores = torch.tensor([s for s, _, _ in keep], device=device)
-        logits = whole(model(torch.tensor([[t] for _, _, t in keep], device=device), cache=cache)[:, -1]).float()
+        logits = _next_logits(model, torch.tensor([[t] for _, _, t in keep], device=device), cache)
     else:
         done += [(s / max(1, len(ids)) ** params.length_penalty, ids, "length") for s, ids in zip(scores.tolist(), running)]
     best = sorted(done, key=lambda d: d[0], reverse=True)[: params.n]
@@ -262,32 +271,52 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
 
 
 def generate(
-    model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]], params: Sampling
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    params: Sampling,
+    batch_size: int = BATCH_SIZE,
 ) -> list[Completion]:
     """Complete every prompt `params.n` times; results are prompt-major (index tells the prompt)."""
+    return list(completions(model, tokenizer, prompts, params, batch_size))
+
+
+def completions(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    params: Sampling,
+    batch_size: int = BATCH_SIZE,
+) -> Iterator[Completion]:
+    """`generate`, yielding each batch's completions as it finishes. All prompts are encoded (and an
+    overlong one refused) before any decoding starts."""
+    _check_batch_size(batch_size)
     encoded = [encode_prompt(tokenizer, p, model.cfg.max_seq_len, params) for p in prompts]
-    if params.num_beams > 1:
-        rows = [row for ids in encoded for row in _beam_search(model, tokenizer, ids, params)]
-    else:
-        rows = [_Row(ids, g) for ids in encoded for g in _generators(model, params, params.n)]
-        for _ in _decode(model, tokenizer, rows, params):
-            pass
-    completions = []
-    for i, row in enumerate(rows):
-        text = _text(row, tokenizer)
-        prompt_index = i // params.n
-        completions.append(
-            Completion(
+    per_batch = max(1, batch_size // params.n)  # whole prompts, each with its n sequences
+    for start in range(0, len(encoded), per_batch):
+        batch = encoded[start : start + per_batch]
+        if params.num_beams > 1:
+            rows = [row for ids in batch for row in _beam_search(model, tokenizer, ids, params)]
+        else:
+            rows = [_Row(ids, g) for ids in batch for g in _generators(model, params, params.n)]
+            for _ in _decode(model, tokenizer, rows, params):
+                pass
+        for i, row in enumerate(rows):
+            text = _text(row, tokenizer)
+            yield Completion(
                 text=(tokenizer.decode(row.prompt) + text) if params.echo else text,
                 token_ids=row.ids,
                 finish_reason=row.finish,
                 prompt_tokens=len(row.prompt),
-                index=prompt_index,
+                index=start + i // params.n,
                 logprobs=row.logprobs if params.logprobs is not None else None,
                 top_logprobs=row.top if params.logprobs else None,
             )
-        )
-    return completions
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise MtnlgError(f"batch size {batch_size} is not positive; pass at least 1 (sequences run together)")
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt: str, params: Sampling) -> Iterator[str]:
@@ -329,16 +358,22 @@ class Scored:
 
 
 @torch.no_grad()
-def score(model: GPT, tokenizer: Tokenizer, texts: Sequence[str]) -> list[Scored]:
-    """Per-token log-likelihoods of each text, as a document start (after EOD); the evaluation primitive."""
-    device = next(model.parameters()).device
+def score(model: GPT, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = BATCH_SIZE) -> list[Scored]:
+    """Per-token log-likelihoods of each text, as a document start (after EOD); the evaluation primitive.
+    Texts run `batch_size` at a time."""
+    _check_batch_size(batch_size)
     sequences = [[tokenizer.eod_id, *tokenizer.encode(t)] for t in texts]
-    longest = max(len(s) for s in sequences)
+    longest = max((len(s) for s in sequences), default=0)
     if longest - 1 > model.cfg.max_seq_len:
         raise MtnlgError(f"a text has {longest - 1} tokens but the model's context is {model.cfg.max_seq_len}; split it")
-    batch = torch.zeros(len(sequences), longest, dtype=torch.long)
+    return [scored for start in range(0, len(sequences), batch_size)
+            for scored in _score_batch(model, sequences[start : start + batch_size])]
+
+
+def _score_batch(model: GPT, sequences: list[list[int]]) -> list[Scored]:
+    batch = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long)
     for i, s in enumerate(sequences):
         batch[i, : len(s)] = torch.tensor(s)  # right padding: causal attention never looks at it
-    batch = batch.to(device)
+    batch = batch.to(next(model.parameters()).device)
     logprobs = F.log_softmax(whole(model(batch[:, :-1])).float(), -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
     return [Scored(s[1:], logprobs[i, : len(s) - 1].tolist()) for i, s in enumerate(sequences)]

@@ -144,9 +144,15 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]. With a cache, tokens continue what it holds.
+        last_only: logits of the last position only ([batch, 1, vocab]), all that sampling needs; the LM
+        head of a long prompt would otherwise cost more than the rest of its forward.
 
         A pipeline stage is this model with parts removed (set to None): without `tok_emb` the input is
         already hidden states [batch, seq, d_model], and without `lm_head` the hidden states come out."""
@@ -172,7 +178,7 @@ class GPT(nn.Module):
             cache.advance(T)
         if self.lm_head is None:
             return x
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
 
 # Selective recompute keeps the outputs that cost FLOPs (matmuls, attention) and recomputes the cheap,
