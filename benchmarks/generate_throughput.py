@@ -62,7 +62,7 @@ def products_alone_time(model: torch.nn.Module, cfg: ModelConfig, prompts: torch
     """Seconds the matrix products of one decode step take when run back to back, on the inputs they had
     in the step, with nothing between them (best of 5)."""
     cache = KVCache(cfg, prompts.size(0), prompts.size(1) + 1, "cpu", torch.float32)
-    model(prompts, cache=cache)
+    model(prompts, cache=cache, last_only=True)
     calls = []
     hooks = [m.register_forward_hook(lambda m, args, out: calls.append((m, args[0]))) for m in products(model)]
     model(prompts[:, -1:], cache=cache)

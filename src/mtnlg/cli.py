@@ -100,13 +100,14 @@ def _generate(args: argparse.Namespace, tp: int) -> None:
         _print_stream(model, prompts[0], params)
         return
     bar = tqdm(total=len(prompts) * args.n, unit=" completions", file=sys.stderr, leave=False,
-               disable=None if os.environ.get("RANK", "0") == "0" else True)
+               disable=None if _is_rank_0() else True)
     for completion in model.completions(prompts, args.batch_size, **params):
         prompt = prompts[completion.index]
         if args.json:
-            bar.write(json.dumps({"prompt": prompt, **vars(completion)}, ensure_ascii=False), file=sys.stdout)
+            line = json.dumps({"prompt": prompt, **vars(completion)}, ensure_ascii=False)
         else:
-            bar.write(f"--- prompt {completion.index} ({completion.finish_reason})\n{prompt}{completion.text}", file=sys.stdout)
+            line = f"--- prompt {completion.index} ({completion.finish_reason})\n{prompt}{completion.text}"
+        bar.write(line, file=sys.stdout)
         sys.stdout.flush()  # each batch is on disk as soon as it is done
         bar.update()
     bar.close()
@@ -115,11 +116,15 @@ def _generate(args: argparse.Namespace, tp: int) -> None:
 @contextlib.contextmanager
 def _output_from_rank_0() -> Iterator[None]:
     """Under torchrun every process runs the command and ends with the same text: only rank 0 prints it."""
-    if os.environ.get("RANK", "0") == "0":
+    if _is_rank_0():
         yield
         return
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
         yield
+
+
+def _is_rank_0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _read_prompts(path: Path) -> list[str]:
