@@ -25,6 +25,21 @@ def synthetic_documents(n: int = 60, seed: int = 0) -> list[str]:
     return docs
 
 
+@pytest.fixture
+def cap_cpu(monkeypatch):
+    """Force the CPU-capability answer as ONEDNN_MAX_CPU_ISA does: after cap_cpu("AVX2"), mtnlg.hardware
+    answers as an AVX2-only CPU would, and every fast path takes its fallback."""
+    from mtnlg.hardware import this_cpu
+
+    def cap(isa: str) -> None:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        this_cpu.cache_clear()
+
+    yield cap
+    monkeypatch.undo()
+    this_cpu.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def corpus_jsonl(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"

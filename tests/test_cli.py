@@ -126,3 +126,15 @@ def test_chat_streams_replies_until_eof(tiny_run):
     )
     assert proc.returncode == 0, proc.stderr
     assert "User: Assistant:" in proc.stdout and proc.stdout.count("User:") == 2
+
+
+def test_generate_dtype_follows_the_cpu(capsys, tiny_run, cap_cpu):
+    """--dtype auto generates on every CPU; --dtype bf16 where the CPU lacks bf16 products is one line naming
+    the missing feature."""
+    for forced in (False, True):  # this CPU's own answer, then the AVX2-only one
+        if forced:
+            cap_cpu("AVX2")
+        code, out, _ = run(capsys, "generate", tiny_run, "--prompt", "hi", "--max-new-tokens", "3", "--dtype", "auto")
+        assert code == 0 and out.startswith("hi")
+    assert_user_error(capsys, "bf16 weights need bf16 instructions (AVX512_BF16", "generate", tiny_run, "--prompt", "hi",
+                      "--dtype", "bf16")

@@ -53,7 +53,7 @@ def _run(lm: mtnlg.LanguageModel) -> dict:
 
 
 def _worker(rank: int, checkpoint: str, out: str) -> None:
-    lm = mtnlg.load(checkpoint, "cpu", tp=2)
+    lm = mtnlg.load(checkpoint, "cpu", tp=2, dtype="fp32")
     result = _run(lm)
     torch.manual_seed(rank)  # the global generators differ: an unseeded draw must still agree
     result["unseeded"] = [c.token_ids for c in lm.generate(PROMPTS, **{**SAMPLED, "seed": None})]
@@ -67,7 +67,7 @@ def test_tensor_parallel_generation_matches_one_process(checkpoints, tmp_path, n
     spawn(_worker, 2, str(checkpoints[name]), out)
     ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
     assert ranks[0] == ranks[1]  # every process chose the same tokens, unseeded sampling included
-    got, want = ranks[0], _run(mtnlg.load(checkpoints[name], "cpu"))
+    got, want = ranks[0], _run(mtnlg.load(checkpoints[name], "cpu", dtype="fp32"))
     assert len({len(ids) for ids in got["greedy"]}) == 1 and len(got["sampled"]) == 2 * len(PROMPTS)
     for key in ("greedy", "sampled", "beams", "streamed"):
         assert got[key] == want[key], key

@@ -4,6 +4,7 @@ import torch
 import mtnlg
 from mtnlg.config import ModelConfig
 from mtnlg.errors import MtnlgError
+from mtnlg.hardware import this_cpu
 from mtnlg.inference.generate import Sampling, _safe_length, filter_logits, generate, penalize, score, stream
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.tokenizer import Tokenizer
@@ -23,7 +24,7 @@ def lm(tiny_data, tmp_path_factory):
          "--train.warmup_steps=10", "--train.tensorboard=false", "--train.progress=false", "--train.eval_interval=0"],
     )
     Trainer(cfg).fit()
-    return mtnlg.load(out, "cpu")
+    return mtnlg.load(out, "cpu", dtype="fp32")
 
 
 def greedy(lm, prompts, **kw):
@@ -218,6 +219,7 @@ def test_partial_stop_strings_are_held_back():
     assert _safe_length("abc", ["STOP"]) == 3
 
 
+@pytest.mark.skipif(not this_cpu().packed_linear, reason="this CPU has no packed path (x86 with AVX2 and oneDNN)")
 def test_packed_cpu_inference_matches_the_plain_model(tiny_data):
     import copy
 
@@ -241,27 +243,56 @@ def test_packed_cpu_inference_matches_the_plain_model(tiny_data):
             torch.testing.assert_close(steps, plain(x), atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_weights_for_inference(tiny_data, tmp_path):
-    """bf16 packing halves the bytes a decode step reads; logits stay within bf16's precision of fp32."""
-    import copy
-
+@pytest.fixture
+def checkpoint(tiny_data, tmp_path):
+    """A random llama-tiny checkpoint."""
     from mtnlg.config import Config
-    from mtnlg.inference.cpu import pack_for_cpu_inference
     from mtnlg.model.gpt import GPT
     from mtnlg.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     plain = GPT(ModelConfig.from_name("llama-tiny")).eval()
-    packed = pack_for_cpu_inference(copy.deepcopy(plain), torch.bfloat16)
+    return save_checkpoint(tmp_path / "ckpt", plain, Config(model=plain.cfg), Tokenizer.load(tiny_data.parent))
+
+
+@pytest.mark.skipif(not this_cpu().bf16, reason=f"this CPU has no bf16 path: it lacks {this_cpu().missing_bf16()}")
+def test_bf16_weights_for_inference(checkpoint):
+    """bf16 packing halves the bytes a decode step reads; logits stay within bf16's precision of fp32; auto
+    takes it on this CPU."""
+    plain = mtnlg.load(checkpoint, "cpu", dtype="fp32").model
+    packed = mtnlg.load(checkpoint, "cpu", dtype="bf16").model
     assert packed.lm_head.weight.dtype == torch.bfloat16
     x = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         got, want = packed(x), plain(x)
     assert got.dtype == torch.float32
     assert 0 < (got - want).abs().max() < 0.02 * want.abs().max()
+    lm = mtnlg.load(checkpoint, "cpu")
+    assert lm.model.lm_head.weight.dtype == torch.bfloat16
+    assert len(lm.generate("The model", max_new_tokens=8, temperature=0, ignore_eos=True)[0].token_ids) == 8
 
-    path = save_checkpoint(tmp_path / "ckpt", plain, Config(model=plain.cfg), Tokenizer.load(tiny_data.parent))
-    text = mtnlg.load(path, dtype="bf16").generate("The model", max_new_tokens=8, temperature=0, ignore_eos=True)[0]
-    assert len(text.token_ids) == 8
-    with pytest.raises(MtnlgError, match="dtype 'fp16' is not one of: fp32, bf16"):
-        mtnlg.load(path, dtype="fp16")
+
+def test_cpus_without_bf16_refuse_it_and_auto_takes_fp32(checkpoint, cap_cpu):
+    from mtnlg.inference.cpu import PackedLinear
+
+    cap_cpu("AVX2")
+    with pytest.raises(MtnlgError, match=r"bf16 weights need bf16 instructions \(AVX512_BF16, AMX-BF16 or AVX-NE-CONVERT\)"):
+        mtnlg.load(checkpoint, "cpu", dtype="bf16")
+    lm = mtnlg.load(checkpoint, "cpu")
+    assert isinstance(lm.model.lm_head, PackedLinear) and lm.model.lm_head.weight.dtype == torch.float32
+    assert len(lm.generate("The model", max_new_tokens=8, temperature=0, ignore_eos=True)[0].token_ids) == 8
+    with pytest.raises(MtnlgError, match="dtype 'fp16' is not one of: auto, fp32, bf16"):
+        mtnlg.load(checkpoint, dtype="fp16")
+
+
+def test_cpus_without_the_packed_path_run_plain_linears(checkpoint, cap_cpu):
+    """Below AVX2 (and on ARM) the model stays plain nn.Linear, and greedy decoding gives the tokens the packed
+    model gives."""
+    params = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
+    packed = mtnlg.load(checkpoint, "cpu", dtype="fp32").generate(["The model", "A"], **params)
+    cap_cpu("AVX")
+    lm = mtnlg.load(checkpoint, "cpu")
+    assert all(type(m) is torch.nn.Linear for m in (lm.model.lm_head, lm.model.blocks["0"].attn.q_proj))
+    with pytest.raises(MtnlgError, match=r"bf16 weights need oneDNN's packed products"):
+        mtnlg.load(checkpoint, "cpu", dtype="bf16")
+    assert [c.token_ids for c in lm.generate(["The model", "A"], **params)] == [c.token_ids for c in packed]

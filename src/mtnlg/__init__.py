@@ -52,32 +52,31 @@ class LanguageModel:
         return score(self.model, self.tokenizer, [texts] if isinstance(texts, str) else list(texts), batch_size)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def load(path: str | Path, device: str | torch.device | None = None, tp: int = 1, dtype: str = "fp32") -> LanguageModel:
+def load(path: str | Path, device: str | torch.device | None = None, tp: int = 1, dtype: str = "auto") -> LanguageModel:
     """Load a checkpoint, run directory or imported model for inference; on CUDA when available unless
-    told otherwise, and on CPU with weights packed for fast matrix-vector products.
+    told otherwise, and on CPU with weights packed for fast matrix-vector products where the CPU allows.
 
     tp > 1 splits the model over tp processes started by torchrun: each calls `load`, then the same
     generate/stream/score calls (they communicate in every forward), and at the end
     `mtnlg.parallel.launch.shutdown()`.
 
-    dtype "bf16" keeps the matrix weights in bf16: a decode step reads half the bytes (about twice as fast
-    on CPU), and the numbers differ from fp32 at bf16's precision.
+    dtype "bf16" keeps the matrix weights in bf16: a decode step reads half the bytes (about 1.6x as fast
+    on CPU), and the numbers differ from fp32 at bf16's precision. "auto" (the default) takes bf16 where
+    the device computes it natively and fp32 elsewhere (`mtnlg.hardware.inference_dtype`); on CPU with
+    tp > 1 that is fp32, since the shards do not take the packed bf16 path.
     """
-    from mtnlg.errors import MtnlgError
+    from mtnlg.hardware import inference_dtype, keep_freed_memory
     from mtnlg.inference.cpu import pack_for_cpu_inference
     from mtnlg.train.checkpoint import load_model
 
-    if dtype not in DTYPES:
-        raise MtnlgError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weights = inference_dtype(dtype, device, packed=tp == 1)
     if tp != 1:  # packing is for plain weights; these are sharded DTensors
         from mtnlg.inference.distributed import load_tensor_parallel
 
-        return LanguageModel(*load_tensor_parallel(path, tp, device, DTYPES[dtype]))
+        return LanguageModel(*load_tensor_parallel(path, tp, device, weights))
     model, tokenizer, config = load_model(path, device)
     if device.type == "cpu":
-        return LanguageModel(pack_for_cpu_inference(model, DTYPES[dtype]), tokenizer, config)
-    return LanguageModel(model.to(DTYPES[dtype]), tokenizer, config)
+        keep_freed_memory()
+        return LanguageModel(pack_for_cpu_inference(model, weights), tokenizer, config)
+    return LanguageModel(model.to(weights), tokenizer, config)

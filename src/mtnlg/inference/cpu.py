@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtnlg.hardware import this_cpu
+
 # oneDNN picks the packed layout for this many rows; 8 is also the fastest layout for one row (measured).
 PACK_FOR_ROWS = 8
 
@@ -64,8 +66,9 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def pack_for_cpu_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Swap the fp32 CPU nn.Linear layers for oneDNN products on weights packed in `dtype` (in place), where
-    oneDNN is available."""
-    if not torch.backends.mkldnn.is_available():
+    this CPU has the packed path (`mtnlg.hardware`); elsewhere the model stays as it is, in fp32. bf16 needs
+    `this_cpu().bf16` (`mtnlg.load` checks it)."""
+    if not this_cpu().packed_linear:
         return model
     for module in list(model.modules()):
         linears = {name: child for name, child in module.named_children() if _packable(child)}

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from mtnlg.config import Config
 from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
+from mtnlg.hardware import keep_freed_memory
 from mtnlg.model.flops import model_size, peak_flops
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
@@ -58,6 +59,8 @@ class Trainer:
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.dist = init_distributed(config.parallel, pick_device(tc.device))
         self.dims, self.device = self.dist.dims, self.dist.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         seq_len = config.model.max_seq_len
         self.dims.validate_model(config.model, seq_len)
         for batch_size in _ramp(tc):
