@@ -122,3 +122,71 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny_data, tmp_path):
     step = int(checkpoint.name.split("_")[1])
     assert step >= 1 and step == max(losses(run))
     assert model(torch.tensor([tokenizer.encode("the model")])).isfinite().all()
+
+
+# Runs `mtnlg train` as the command line would, after arranging for the process to SIGKILL itself at one point:
+# the last thing it does, so what it leaves behind is what a preempted job leaves.
+KILLED_AT = {
+    "step": """
+from mtnlg.train.trainer import Trainer
+step = Trainer.train_step
+def train_step(self):
+    if self.step == {at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self)
+Trainer.train_step = train_step
+""",
+    "save": """
+from mtnlg.train import checkpoint
+consolidate = checkpoint.consolidate
+def consolidate_then_die(directory, config):
+    consolidate(directory, config)  # state/ and model.safetensors are written, the folder not yet renamed
+    if directory.name.startswith("step_{at:08d}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.consolidate = consolidate_then_die
+""",
+}
+
+
+def mtnlg_train(args, kill=None, at=0):
+    hook = KILLED_AT[kill].format(at=at) if kill else ""
+    script = f"import os, signal, sys\n{hook}\nfrom mtnlg.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", script, "train", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_resume_auto_survives_sigkill_before_the_first_checkpoint_and_during_a_save(tiny_data, tmp_path):
+    """A preempted job reruns the same command with --resume auto: killed before its first checkpoint it starts
+    over, killed while saving it continues from the checkpoint before, and it ends with the weights of a run
+    that was never interrupted, bit for bit."""
+    def command(run):
+        return ["tiny", f"--train.data={tiny_data}", f"--train.out_dir={run}", "--train.max_steps=12",
+                "--train.save_interval=4", "--train.eval_interval=0", "--train.tensorboard=false",
+                "--train.progress=false", "--train.micro_batch_size=2", "--train.global_batch_size=4",
+                "--model.dropout=0.1", "--resume", "auto"]
+
+    straight = mtnlg_train(command(tmp_path / "straight"))
+    assert straight.returncode == 0 and straight.stdout.startswith("starting"), straight.stderr
+    run, checkpoints = tmp_path / "preempted", tmp_path / "preempted" / "checkpoints"
+
+    killed = mtnlg_train(command(run), kill="step", at=2)
+    assert killed.returncode == -signal.SIGKILL and find_latest(checkpoints) is None
+    killed = mtnlg_train(command(run), kill="save", at=8)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout.startswith(f"starting {run} from scratch")
+    assert find_latest(checkpoints).name == "step_00000004" and (checkpoints / "step_00000008.tmp").is_dir()
+
+    rerun = mtnlg_train(command(run))
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.splitlines()[0].startswith(f"resuming {run} from step 4")
+    assert find_latest(checkpoints).name == "step_00000012" and not list(checkpoints.glob("*.tmp"))
+    assert losses(run) == losses(tmp_path / "straight") and list(losses(run)) == list(range(1, 13))
+    a = safetensors.torch.load_file(tmp_path / "straight" / "checkpoints" / "step_00000012" / "model.safetensors")
+    b = safetensors.torch.load_file(checkpoints / "step_00000012" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_starts_by_removing_leftovers_of_a_killed_save(tiny_config, tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_00000003.tmp" / "state").mkdir(parents=True)
+    (checkpoints / "latest.tmp").write_text("step_00000003\n")
+    trainer = Trainer(tiny_config(), resume="auto")
+    assert trainer.resumed_from is None and list(checkpoints.iterdir()) == []

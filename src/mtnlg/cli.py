@@ -51,8 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(_config_path(args.config), args.overrides)
     trainer = Trainer(config, resume=args.resume)
+    say = print if trainer.dist.is_main else lambda *_, **__: None
+    if trainer.resumed_from is not None:
+        say(f"resuming {trainer.run_dir} from step {trainer.step} ({trainer.resumed_from})", flush=True)
+    else:
+        say(f"starting {trainer.run_dir} from scratch", flush=True)
     result = trainer.fit()
-    say = print if trainer.dist.is_main else lambda *_: None
     if result.stopped_by:
         say(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
         return 130 if result.stopped_by == "SIGINT" else 143
@@ -295,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train from a TOML config; --section.key value overrides")
     p.add_argument("config", help="a TOML file, or a shipped config name: demo, tiny, gpt2, mt-nlg-530b")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument(
+        "--resume", nargs="?", const=True, default=False, choices=["auto"],
+        help="continue from the run's latest checkpoint; --resume auto: continue if there is one, else start "
+        "(for preemptible jobs that rerun the same command)",
+    )
     p.set_defaults(handler=cmd_train)
 
     p = verbs.add_parser("generate", help="continue prompts from a checkpoint or run directory")

@@ -131,7 +131,8 @@ def consolidate(checkpoint: Path, config: Config) -> None:
     """Write model.safetensors from state/ in this process alone: the whole model, however it was sharded."""
     import torch.distributed.checkpoint as dcp
 
-    model = GPT(config.model)
+    with torch.random.fork_rng(devices=[]):  # initializing the model must not move training's RNG
+        model = GPT(config.model)
     state = {"model": model.state_dict()}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=checkpoint / STATE_DIR, no_dist=True)
@@ -192,11 +193,16 @@ def mark_latest(checkpoint: Path) -> None:
 
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step_* checkpoints (0 keeps all), and leftover temporaries."""
-    for tmp in checkpoints_dir.glob("*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    remove_leftovers(checkpoints_dir)
     if keep_last:
         for old in sorted(p for p in checkpoints_dir.glob("step_*") if p.is_dir())[:-keep_last]:
             shutil.rmtree(old)
+
+
+def remove_leftovers(checkpoints_dir: Path) -> None:
+    """Delete the temporaries of saves that never finished (a process killed while writing)."""
+    for tmp in checkpoints_dir.glob("*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def find_latest(checkpoints_dir: Path) -> Path | None:

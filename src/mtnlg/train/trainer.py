@@ -31,6 +31,7 @@ from mtnlg.train.checkpoint import (
     load_training_checkpoint,
     mark_latest,
     prune_checkpoints,
+    remove_leftovers,
     save_training_checkpoint,
 )
 from mtnlg.train.metrics import MetricsLogger
@@ -52,7 +53,9 @@ class Trainer:
     a step sees, and the data position in a checkpoint, do not depend on the parallel layout.
     """
 
-    def __init__(self, config: Config, resume: bool = False):
+    def __init__(self, config: Config, resume: bool | str = False):
+        """resume: False starts a new run, True continues one, "auto" continues the run directory's newest
+        complete checkpoint when there is one and starts fresh otherwise (a preempted job's rerun)."""
         self.config = config
         tc = config.train
         self.run_dir = Path(tc.out_dir)
@@ -71,7 +74,9 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-        resume_from = self._checkpoint_to_resume(resume)
+        if self.dist.is_main:
+            remove_leftovers(self.checkpoints_dir)  # of a save that was killed
+        self.resumed_from = resume_from = self._checkpoint_to_resume(resume)
         self.tokenizer = Tokenizer.load(resume_from or self._tokenizer_path())
         if self.tokenizer.vocab_size > config.model.vocab_size:
             raise MtnlgError(
@@ -113,8 +118,10 @@ class Trainer:
     def _has_val_split(self) -> bool:
         return all(Path(prefix + "_val.idx").is_file() for _, prefix in parse_blend(self.config.train.data))
 
-    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+    def _checkpoint_to_resume(self, resume: bool | str) -> Path | None:
         latest = find_latest(self.checkpoints_dir)
+        if resume == "auto":
+            resume = latest is not None
         if resume and latest is None:
             raise MtnlgError(f"nothing to resume: {self.checkpoints_dir} holds no checkpoint; drop --resume to start")
         if not resume and latest is not None:
