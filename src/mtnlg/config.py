@@ -103,7 +103,7 @@ _LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rotary", bias=False, tie_e
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=64),
-    "demo": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
+    "demo": dict(vocab_size=2048, n_layer=4, n_head=4, d_model=256, max_seq_len=128),
     "gpt2": dict(vocab_size=50304, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
     "gpt2-medium": dict(vocab_size=50304, n_layer=24, n_head=16, d_model=1024, max_seq_len=1024),
     "gpt2-large": dict(vocab_size=50304, n_layer=36, n_head=20, d_model=1280, max_seq_len=1024),

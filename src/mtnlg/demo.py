@@ -1,5 +1,5 @@
 """`mtnlg demo`: the whole path on data every Python already has — corpus, tokenizer, shards, training,
-a loss curve, and completions — in about five minutes on a laptop CPU, with nothing downloaded."""
+a loss curve, and completions — in a few minutes on a laptop CPU, with nothing downloaded."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def run_demo(out: Path, overrides: list[str] | None = None) -> None:
+    began = time.perf_counter()
     data_dir = out / "data"
     config = load_config(
         Path(__file__).parent / "configs" / "demo.toml",
@@ -43,9 +44,10 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> None:
         tokenizer.save(data_dir)
         prepare([corpus], prefix, tokenizer, val_fraction=0.05)
         print(f"[2/4] tokenizer and shards ready in {time.perf_counter() - start:.0f}s")
-    resume = (Path(config.train.out_dir) / "checkpoints" / "latest").is_file()
-    print(f"[3/4] training the demo model ({'resuming' if resume else 'from scratch'}) -> {config.train.out_dir}")
-    result = Trainer(config, resume=resume).fit()
+    trainer = Trainer(config, resume="auto")
+    start = f"resuming from step {trainer.step}" if trainer.resumed_from else "from scratch"
+    print(f"[3/4] training the demo model ({start}) -> {config.train.out_dir}")
+    result = trainer.fit()
     if result.stopped_by:
         print(f"stopped by {result.stopped_by}; run `make demo` again to continue")
         return
@@ -58,3 +60,5 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> None:
     print("[4/4] completions (temperature 0.7, top-p 0.9):")
     for prompt, completion in zip(PROMPTS, model.generate(PROMPTS, max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)):
         print(f"  {prompt!r} -> {completion.text!r}")
+    minutes, seconds = divmod(round(time.perf_counter() - began), 60)
+    print(f"demo finished in {minutes} min {seconds:02d} s")
