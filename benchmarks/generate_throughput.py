@@ -10,6 +10,11 @@ nothing between them (best of 5) and the rest (attention over the cache, norms, 
 whatever the products lose to the work between them): the kernels' share and ours.
 
     .venv/bin/python benchmarks/generate_throughput.py
+    python benchmarks/generate_throughput.py --device cuda --batches 1 8 64   # bf16 on a GPU (gpu_check.sh)
+
+It prints the CPU, its flags and the fast paths they allow first, and skips (saying why) a contestant this
+CPU cannot run: `mtnlg-bf16` needs bf16 instructions; without the packed path `mtnlg` is the plain model,
+as `mtnlg.load` would give it. On CUDA both sides run in bf16 and the products-alone split is left out.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from functools import partial
 import torch
 
 from mtnlg.config import ModelConfig
+from mtnlg.hardware import this_cpu
 from mtnlg.inference.cpu import PackedLinear, Slice, pack_for_cpu_inference
 from mtnlg.inference.generate import Sampling, generate
 from mtnlg.model.gpt import GPT
@@ -31,15 +37,10 @@ from mtnlg.model.kv_cache import KVCache
 from mtnlg.tokenizer import Tokenizer
 
 
-def measure_bandwidth(megabytes: int = 1024) -> float:
+def measure_bandwidth(device: torch.device, megabytes: int = 1024) -> float:
     """Bytes/s of reading a large fp32 tensor once (the access pattern of a decode step's weights)."""
-    x = torch.ones(megabytes * 2**20 // 4)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best
+    x = torch.ones(megabytes * 2**20 // 4, device=device)
+    return x.numel() * 4 / min(timed(x.sum, device) for _ in range(5))
 
 
 def products(model: torch.nn.Module) -> list[PackedLinear]:
@@ -49,13 +50,12 @@ def products(model: torch.nn.Module) -> list[PackedLinear]:
 
 
 def bytes_per_step(model: torch.nn.Module) -> int:
-    """Weight bytes one decode step reads: every packed matrix and every other parameter except the two
-    embedding tables, of which a step reads one row each (the LM head's packed copy counts the tied one)."""
-    packed = products(model)
-    matrices = sum(m.weight.numel() * m.weight.element_size() for m in packed)
-    biases = sum(m.bias.numel() * m.bias.element_size() for m in packed if m.bias is not None)
-    rest = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.endswith("_emb.weight"))
-    return matrices + biases + rest
+    """Weight bytes one decode step reads: every matrix product's weights (the tied LM head's included) and
+    every other parameter except the two embedding tables, of which a step reads one row each."""
+    linears = products(model) + [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tensors = {id(t): t for m in linears for t in (m.weight, m.bias) if t is not None}
+    rest = [p for name, p in model.named_parameters() if id(p) not in tensors and not name.endswith("_emb.weight")]
+    return sum(t.numel() * t.element_size() for t in [*tensors.values(), *rest])
 
 
 def products_alone_time(model: torch.nn.Module, cfg: ModelConfig, prompts: torch.Tensor) -> float:
@@ -71,9 +71,12 @@ def products_alone_time(model: torch.nn.Module, cfg: ModelConfig, prompts: torch
     return min(timed(lambda: [m(x) for m, x in calls]) for _ in range(5))
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: both sides in bf16 on the GPU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -91,52 +95,61 @@ def main() -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("gpt2", vocab_size=50257)
     plain = GPT(cfg).eval()
-    models = {  # what mtnlg.load does on CPU, with fp32 and with bf16 weights
-        "mtnlg": pack_for_cpu_inference(copy.deepcopy(plain)),
-        "mtnlg-bf16": pack_for_cpu_inference(copy.deepcopy(plain), torch.bfloat16),
-    }
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12)).eval()
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+        dtype, models = torch.bfloat16, {"mtnlg": plain.to(device, torch.bfloat16)}
+        hf = hf.to(device, torch.bfloat16)
+    else:  # what mtnlg.load does on this CPU, with fp32 and, where the CPU has them, bf16 weights
+        cpu = this_cpu()
+        print(cpu.describe())
+        dtype, models = torch.float32, {"mtnlg": pack_for_cpu_inference(copy.deepcopy(plain))}
+        if cpu.bf16:
+            models["mtnlg-bf16"] = pack_for_cpu_inference(copy.deepcopy(plain), torch.bfloat16)
+        else:
+            print(f"skipping mtnlg-bf16: this CPU lacks {cpu.missing_bf16()}")
     step_bytes = {name: bytes_per_step(model) for name, model in models.items()}
     step_bytes["hf"] = step_bytes["mtnlg"]
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12)).eval()
     tokenizer = Tokenizer.train(["benchmark"], 300)
     params = Sampling(temperature=0, max_new_tokens=args.new, ignore_eos=True)
-    bandwidths = [measure_bandwidth()]
+    bandwidths = [measure_bandwidth(device)]
 
-    print(f"GPT-2 124M shape, fp32 activations, {args.threads} threads, prompt {args.prompt}, {args.new} new tokens, "
-          f"greedy, torch {torch.__version__}")
+    print(f"GPT-2 124M shape, {str(dtype).removeprefix('torch.')} activations, {args.threads} threads, prompt {args.prompt}, "
+          f"{args.new} new tokens, greedy, torch {torch.__version__}")
     results = []
     for batch in args.batches:
-        prompts = torch.randint(0, 300, (batch, args.prompt))
+        prompts = torch.randint(0, 300, (batch, args.prompt), device=device)
         runs = {name: partial(generate, model, tokenizer, prompts.tolist(), params) for name, model in models.items()}
         runs["hf"] = lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                          max_new_tokens=args.new, min_new_tokens=args.new, use_cache=True,
                                          pad_token_id=0)
         prefill = {  # a fresh cache each call; logits of the last position only, as both generates ask
-            name: lambda model=model: model(prompts, cache=KVCache(cfg, batch, args.prompt, "cpu", torch.float32),
-                                            last_only=True)
+            name: lambda model=model: model(prompts, cache=KVCache(cfg, batch, args.prompt, device, dtype), last_only=True)
             for name, model in models.items()
         }
         prefill["hf"] = lambda: hf(prompts, use_cache=True, logits_to_keep=1)
         totals: dict[str, list[float]] = {name: [] for name in runs}
         prefills: dict[str, list[float]] = {name: [] for name in runs}
-        alone: dict[str, list[float]] = {name: [] for name in models}
+        packed = {name: model for name, model in models.items() if products(model)}
+        alone: dict[str, list[float]] = {name: [] for name in packed}
         with torch.no_grad():
             for name in runs:  # warm up
                 runs[name]()
             for _ in range(args.rounds):
-                bandwidths.append(measure_bandwidth())
+                bandwidths.append(measure_bandwidth(device))
                 for name in runs:
-                    prefills[name].append(timed(prefill[name]))
-                    totals[name].append(timed(runs[name]))
-                for name, model in models.items():
+                    prefills[name].append(timed(prefill[name], device))
+                    totals[name].append(timed(runs[name], device))
+                for name, model in packed.items():
                     alone[name].append(products_alone_time(model, cfg, prompts))
         for name in runs:
             total, pre = statistics.median(totals[name]), statistics.median(prefills[name])
-            products = statistics.median(alone[name]) if name in alone else None
-            results.append((batch, name, total - pre, pre, products))
+            products_time = statistics.median(alone[name]) if name in alone else None
+            results.append((batch, name, total - pre, pre, products_time))
 
     bandwidth = max(bandwidths)
     print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (best of {len(bandwidths)} streaming reads, "
@@ -146,18 +159,20 @@ def main() -> None:
         print(f"{name:<10} reads {step_bytes[name] / 1e6:.0f} MB per step -> floor {floor * 1e3:.1f} ms/step = "
               f"{1 / floor:.1f} tokens/s at batch 1")
     rate = {}
-    for batch, name, decode, pre, products in results:
+    for batch, name, decode, pre, products_time in results:
         rate[batch, name] = batch * args.new / decode
         step_ms = decode / args.new * 1e3
         floor_ms = step_bytes[name] / bandwidth * 1e3
         print(f"batch {batch} {name:<10} decode {rate[batch, name]:8.1f} tokens/s ({step_ms:6.1f} ms/step, "
               f"{step_ms / floor_ms:.2f}x its floor)  prefill {batch * args.prompt / pre:8.0f} tokens/s")
-        if products is not None:
-            print(f"{'':19}matrix products alone {products * 1e3:5.1f} ms/step ({products * 1e3 / floor_ms:.2f}x the floor, "
-                  f"the step {step_ms / (products * 1e3):.2f}x them), the rest of a step {step_ms - products * 1e3:4.1f} ms")
+        if products_time is not None:
+            alone_ms = products_time * 1e3
+            print(f"{'':19}matrix products alone {alone_ms:5.1f} ms/step ({alone_ms / floor_ms:.2f}x the floor, "
+                  f"the step {step_ms / alone_ms:.2f}x them), the rest of a step {step_ms - alone_ms:4.1f} ms")
         if name == "hf":
-            print(f"batch {batch} ratio mtnlg / hf: {rate[batch, 'mtnlg'] / rate[batch, 'hf']:.2f}; "
-                  f"mtnlg-bf16 / hf: {rate[batch, 'mtnlg-bf16'] / rate[batch, 'hf']:.2f}")
+            print(f"batch {batch} ratio " + "; ".join(
+                f"{ours} / hf: {rate[batch, ours] / rate[batch, 'hf']:.2f}" for ours in models))
+
 
 if __name__ == "__main__":
     main()
