@@ -3,7 +3,7 @@
 The answer is read from the operating system (/proc/cpuinfo, or sysctl on macOS) and capped by
 `ONEDNN_MAX_CPU_ISA`, the variable that caps oneDNN itself: `ONEDNN_MAX_CPU_ISA=AVX2` makes an AVX-512
 machine answer, and compute, like an AVX2-only one. That is how both branches of every fast path are
-tested on any machine (tests/conftest.py's `avx2_only`).
+tested on any machine (tests/conftest.py's `cap_cpu`).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def _sysctl(key: str) -> str:
         return ""
 
 
-# Freed blocks up to this size stay with the process (glibc's default returns blocks over 128 KiB-32 MiB).
+# Freed blocks up to this size stay with the process; glibc's default hands large ones (from 128 KiB, adapting
+# up to 32 MiB) back to the kernel at once, and a training step then pays to fault them in again.
 KEEP_FREED_BYTES = 2**30
 
 
@@ -153,7 +154,9 @@ def inference_dtype(name: str, device: torch.device, packed: bool = True) -> tor
     else:
         cpu = this_cpu()
         if name == "bf16" and not (device.type == "cpu" and cpu.bf16):
-            raise MtnlgError(f"bf16 weights need {cpu.missing_bf16()}, which this CPU ({cpu.name}) lacks; "
+            cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+            capped = f" as capped by ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
+            raise MtnlgError(f"bf16 weights need {cpu.missing_bf16()}, which this CPU ({cpu.name}{capped}) lacks; "
                              "use --dtype fp32, or auto to pick the fastest this CPU supports")
         native = device.type == "cpu" and cpu.bf16 and packed
     return torch.bfloat16 if name == "bf16" or (name == "auto" and native) else torch.float32
