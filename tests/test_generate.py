@@ -5,7 +5,9 @@ import mtnlg
 from mtnlg.config import ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.hardware import this_cpu
-from mtnlg.inference.generate import Sampling, _safe_length, filter_logits, generate, penalize, score, stream
+from mtnlg.inference.engine import safe_length
+from mtnlg.inference.generate import Sampling, generate, score, stream
+from mtnlg.inference.sampling import filter_logits, penalize
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.trainer import Trainer
@@ -166,12 +168,14 @@ class TableModel(torch.nn.Module):
         self.prompt_len, self.scripted = prompt_len, scripted
 
     def forward(self, tokens, positions=None, cache=None, last_only=False):
-        start = cache.length
-        cache.advance(tokens.size(1))
-        if not self.scripted:
-            return self.table[tokens]
-        steps = torch.arange(start, start + tokens.size(1)) - (self.prompt_len - 1)
-        return self.table[steps.clamp(0, len(self.table) - 1)].expand(tokens.size(0), -1, -1)
+        positions = cache.begin(tokens.size(1))
+        if self.scripted:
+            logits = self.table[(positions - (self.prompt_len - 1)).clamp(0, len(self.table) - 1)]
+        else:
+            logits = self.table[tokens]
+        logits = cache.last(logits) if last_only else logits
+        cache.advance()
+        return logits
 
 
 def _five(*taken):
@@ -214,9 +218,9 @@ def test_streaming_never_splits_a_character(tiny_data):
 
 
 def test_partial_stop_strings_are_held_back():
-    assert _safe_length("abc STO", ["STOP"]) == 4
-    assert _safe_length("abc \ufffd", []) == 4
-    assert _safe_length("abc", ["STOP"]) == 3
+    assert safe_length("abc STO", ["STOP"]) == 4
+    assert safe_length("abc \ufffd", []) == 4
+    assert safe_length("abc", ["STOP"]) == 3
 
 
 @pytest.mark.skipif(not this_cpu().packed_linear, reason="this CPU has no packed path (x86 with AVX2 and oneDNN)")

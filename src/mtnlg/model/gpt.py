@@ -149,36 +149,42 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]. With a cache, tokens continue what it holds.
-        last_only: logits of the last position only ([batch, 1, vocab]), all that sampling needs; the LM
-        head of a long prompt would otherwise cost more than the rest of its forward.
+        last_only: logits of the last position only ([batch, 1, vocab]; with a cache, each row's last real
+        token), all that sampling needs; the LM head of a long prompt would otherwise cost more than the rest
+        of its forward. hidden: the final normed hidden states instead of logits (what embeddings pool).
 
         A pipeline stage is this model with parts removed (set to None): without `tok_emb` the input is
         already hidden states [batch, seq, d_model], and without `lm_head` the hidden states come out."""
-        start = cache.length if cache is not None else 0
         T = tokens.size(1)
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)
+        if cache is not None:
+            positions = cache.begin(T)  # each row continues its own sequence
+        elif positions is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            positions = torch.arange(T, device=tokens.device)
         x = tokens
         if self.tok_emb is not None:
             x = self.tok_emb(tokens)
             if self.pos_emb is not None:
                 x = x + self.pos_emb(positions)
             x = self.emb_dropout(x)
-        mask = cache.causal_mask(T) if cache is not None else None
+        mask = cache.causal_mask() if cache is not None else None
         for block in self.blocks.values():
             if self.training and self.recompute != "none":
                 x = checkpoint(block, x, positions, use_reentrant=False, context_fn=_RECOMPUTE[self.recompute])
             else:
                 x = block(x, positions, mask, cache)
+        if last_only:
+            x = cache.last(x) if cache is not None else x[:, -1:]
         if cache is not None:
-            cache.advance(T)
+            cache.advance()
         if self.lm_head is None:
             return x
-        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        x = self.norm(x)
+        return x if hidden else self.lm_head(x)
 
 
 # Selective recompute keeps the outputs that cost FLOPs (matmuls, attention) and recomputes the cheap,
