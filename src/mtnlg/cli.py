@@ -175,6 +175,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
         transcript += _print_stream(model, transcript, params) + "\n"
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    import mtnlg
+    from mtnlg.serve.app import Settings, create_app
+    from mtnlg.train.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path fails here, before the server starts
+    name = args.served_model_name or Path(args.checkpoint).resolve().name
+    api_key = args.api_key or os.environ.get("MTNLG_API_KEY")
+    settings = Settings(name=name, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
+                        token_budget=args.token_budget, api_key=api_key, pooling=args.pooling)
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--token-budget", args.token_budget), ("--port", args.port + 1)):
+        if value < 1:
+            raise MtnlgError(f"{flag} must be positive, got {value}")
+    if args.max_queue < 0:
+        raise MtnlgError(f"--max-queue must be 0 or more, got {args.max_queue}")
+
+    print(f"mtnlg serve: loading {checkpoint}; serving {name} on http://{args.host}:{args.port} (playground at /, "
+          "GET /health answers 503 until the model is ready)", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(settings, lambda: mtnlg.load(checkpoint, args.device, dtype=args.dtype)), host=args.host, port=args.port, log_level="warning")
+
+
 def _print_stream(model, prompt: str, params: dict) -> str:
     """Write the completion to the terminal as it arrives, then a newline; return its text."""
     text = ""
@@ -329,6 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("chat", help="talk to a model in the terminal")
     _add_sampling_args(p, temperature=0.7)
     p.set_defaults(handler=cmd_chat)
+
+    p = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, embeddings) with a playground")
+    p.add_argument("checkpoint", help="a run directory, checkpoint directory or imported model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; past it: 503")
+    p.add_argument("--token-budget", type=int, default=256,
+                   help="tokens per engine step, decode rows plus prompt chunks: lower keeps streams smoother "
+                   "while long prompts are read, higher reads prompts faster")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the model id clients pass (default: the checkpoint folder's name)")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="how /v1/embeddings pools hidden states")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights for inference (as for generate)")
+    p.set_defaults(handler=cmd_serve)
 
     p = verbs.add_parser("info", help="parameters, FLOPs per token and training memory of a model")
     p.add_argument("--model", required=True, help="a preset name (gpt2, mt-nlg-530b, ...) or a checkpoint")

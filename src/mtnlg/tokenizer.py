@@ -1,5 +1,7 @@
-"""Byte-level BPE tokenizer on Hugging Face `tokenizers`: train one, or load tokenizer.json / GPT-2 vocab+merges."""
+"""Byte-level BPE tokenizer on Hugging Face `tokenizers`: train one, or load tokenizer.json / GPT-2 vocab+merges;
+and the chat template that turns messages into a prompt, kept as Hugging Face keeps it."""
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -11,14 +13,24 @@ from mtnlg.errors import MtnlgError
 
 EOD = "<|endoftext|>"
 FOREIGN_EODS = ("</s>", "<|end_of_text|>")  # end tokens of imported tokenizers that play EOD's part
+CONFIG_FILE = "tokenizer_config.json"  # Hugging Face's; its "chat_template" is a Jinja string
+
+# For a model without a template of its own: the transcript format of `mtnlg chat`. Generation ends at EOD,
+# or where the model starts the user's next turn (DEFAULT_CHAT_STOP).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+DEFAULT_CHAT_STOP = ("\nUser:",)
 
 
 class Tokenizer:
     """A thin wrapper that fixes the conventions: no special tokens added on encode, exact byte round trip."""
 
-    def __init__(self, tok: tokenizers.Tokenizer):
+    def __init__(self, tok: tokenizers.Tokenizer, chat_template: str | None = None):
         self._tok = tok
         self._eod_id: int | None = None
+        self.chat_template = chat_template  # None: DEFAULT_CHAT_TEMPLATE
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
@@ -38,9 +50,10 @@ class Tokenizer:
         """From a tokenizer.json file, a directory holding one, or a directory holding GPT-2 vocab.json + merges.txt."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
+        template = _chat_template(file.parent / CONFIG_FILE)
         if file.is_file():
             try:
-                return cls(tokenizers.Tokenizer.from_file(str(file)))
+                return cls(tokenizers.Tokenizer.from_file(str(file)), template)
             except Exception as e:
                 raise MtnlgError(f"{file}: not a valid tokenizer.json ({e}); re-save it or train a new one") from None
         vocab, merges = path / "vocab.json", path / "merges.txt"
@@ -50,20 +63,39 @@ class Tokenizer:
             except Exception as e:
                 raise MtnlgError(f"{path}: unreadable vocab.json/merges.txt ({e}); check the files") from None
             tok.add_special_tokens([EOD])
-            return cls(tok)
+            return cls(tok, template)
         raise MtnlgError(
             f"{path}: no tokenizer found (looked for tokenizer.json, or vocab.json + merges.txt); "
             "pass a tokenizer file or directory, or train one"
         )
 
     def save(self, directory: str | Path) -> Path:
-        """Write directory/tokenizer.json atomically and return its path."""
+        """Write directory/tokenizer.json (and the chat template, in tokenizer_config.json) atomically; return
+        the tokenizer.json path."""
         path = Path(directory) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self._tok.to_str(pretty=True), encoding="utf-8")
-        os.replace(tmp, path)
+        _write_atomic(path, self._tok.to_str(pretty=True))
+        if self.chat_template is not None:
+            _write_atomic(path.parent / CONFIG_FILE, json.dumps({"chat_template": self.chat_template}, indent=2) + "\n")
         return path
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt for a conversation, by the chat template as `transformers`' apply_chat_template renders it."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        try:
+            template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                   bos_token="", eos_token=self.decode([self.eod_id]))
+        except TemplateError as e:
+            raise MtnlgError(f"the chat template cannot render these messages: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -101,3 +133,21 @@ def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok
+
+
+def _chat_template(config: Path) -> str | None:
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as e:
+        raise MtnlgError(f"{config}: not valid JSON ({e}); fix or remove it") from None
+    if isinstance(template, list):  # several named templates, as some models ship: take the default
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`mtnlg serve`) over the inference engine."""
