@@ -34,7 +34,8 @@ class Served:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mtnlg", "serve", str(checkpoint), "--port", str(self.port), "--dtype", "fp32", *flags],
+            [sys.executable, "-m", "mtnlg", "serve", str(checkpoint), "--port", str(self.port), "--dtype", "fp32",
+             "--served-model-name", "tiny-serve", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + 60

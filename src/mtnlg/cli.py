@@ -183,13 +183,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from mtnlg.train.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path fails here, before the server starts
-    name = args.served_model_name or Path(args.checkpoint).resolve().name
+    name = args.served_model_name or args.checkpoint  # as vLLM does: the path as given
     api_key = args.api_key or os.environ.get("MTNLG_API_KEY")
     settings = Settings(name=name, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
                         token_budget=args.token_budget, api_key=api_key, pooling=args.pooling)
-    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--token-budget", args.token_budget), ("--port", args.port + 1)):
-        if value < 1:
-            raise MtnlgError(f"{flag} must be positive, got {value}")
+    if args.max_num_seqs < 1 or not 0 <= args.port < 65536:
+        raise MtnlgError(f"need --max-num-seqs >= 1 and a --port in 0-65535, got {args.max_num_seqs} and {args.port}")
+    if args.token_budget is not None and args.token_budget <= args.max_num_seqs:
+        raise MtnlgError(f"--token-budget {args.token_budget} must exceed --max-num-seqs {args.max_num_seqs}, "
+                         "or prompts are never read")
     if args.max_queue < 0:
         raise MtnlgError(f"--max-queue must be 0 or more, got {args.max_queue}")
 
@@ -359,11 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; past it: 503")
-    p.add_argument("--token-budget", type=int, default=256,
-                   help="tokens per engine step, decode rows plus prompt chunks: lower keeps streams smoother "
-                   "while long prompts are read, higher reads prompts faster")
+    p.add_argument("--token-budget", type=int,
+                   help="tokens per engine step, decode rows plus prompt chunks (default: --max-num-seqs + 128): lower "
+                   "keeps streams smoother while long prompts are read, higher reads prompts faster")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY, else none)")
-    p.add_argument("--served-model-name", help="the model id clients pass (default: the checkpoint folder's name)")
+    p.add_argument("--served-model-name", help="the model id clients pass (default: CHECKPOINT as given)")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="how /v1/embeddings pools hidden states")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights for inference (as for generate)")

@@ -62,3 +62,4 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> None:
         print(f"  {prompt!r} -> {completion.text!r}")
     minutes, seconds = divmod(round(time.perf_counter() - began), 60)
     print(f"demo finished in {minutes} min {seconds:02d} s")
+    print(f"serve it (OpenAI API and a playground at http://127.0.0.1:8000/): .venv/bin/mtnlg serve {config.train.out_dir}")

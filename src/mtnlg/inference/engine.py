@@ -27,6 +27,12 @@ from mtnlg.tokenizer import Tokenizer
 
 _arrivals = itertools.count()
 
+PREFILL_TOKENS = 512
+
+# Prompt chunks read in one forward are padded to the widest; a chunk joins a forward only while the
+# padding stays under this share of the real tokens (else it gets a forward of its own in the same step).
+PADDING_SLACK = 0.25
+
 
 @dataclass(eq=False)
 class Request:
@@ -82,7 +88,8 @@ class Engine:
     """Continuous batching over `max_num_seqs` slots; `step()` advances everything by one step.
 
     token_budget caps the tokens of one step (decode rows plus prompt chunks): small for a server, so that
-    a step stays short; by default large enough to read every waiting prompt at once, for offline work.
+    a step stays short. The default adds PREFILL_TOKENS for prompts to one token per slot: offline, reading
+    more at once was slower, not faster (GPT-2 shape on CPU, docs/benchmarks.md).
     """
 
     def __init__(
@@ -95,7 +102,7 @@ class Engine:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_len = max_len or model.cfg.max_seq_len
-        self.token_budget = token_budget or max_num_seqs * self.max_len
+        self.token_budget = token_budget or max_num_seqs + PREFILL_TOKENS
         if self.token_budget <= max_num_seqs:
             raise ValueError(f"token budget {self.token_budget} must exceed max_num_seqs {max_num_seqs}, or prompts starve")
         weight = next(model.parameters())
@@ -139,8 +146,8 @@ class Engine:
             take = min(len(seq.prompt) - seq.read, budget)
             chunks.append((seq, take))
             budget -= take
-        if chunks:
-            changed += self._prefill(chunks)
+        for group in _similar_widths(chunks):
+            changed += self._prefill(group)
         return changed
 
     def fail(self) -> list[Request]:
@@ -242,3 +249,17 @@ class Engine:
             self._release(seq, "length")
         else:
             seq.pending = token
+
+
+def _similar_widths(chunks: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+    """Group (request, tokens) chunks into forwards whose padding is at most PADDING_SLACK of their tokens."""
+    groups: list[list[tuple[Request, int]]] = []
+    for chunk in sorted(chunks, key=lambda c: -c[1]):
+        for group in groups:
+            width, real = group[0][1], sum(take for _, take in group) + chunk[1]
+            if (len(group) + 1) * width <= (1 + PADDING_SLACK) * real:
+                group.append(chunk)
+                break
+        else:
+            groups.append([chunk])
+    return groups

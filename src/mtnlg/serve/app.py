@@ -40,6 +40,9 @@ from mtnlg.tokenizer import DEFAULT_CHAT_STOP
 PLAYGROUND = Path(__file__).with_name("playground.html")
 OPEN_PATHS = {"/", "/health", "/metrics"}  # no API key asked
 EMBED_BATCH = 16
+# Prompt tokens a server step reads besides its decode rows: inter-token p99 stayed under 3x p50 at 16
+# streaming clients with 128, not with 256 (GPT-2 shape on 2 CPU cores, docs/benchmarks.md).
+SERVE_PREFILL_TOKENS = 128
 GENERATION_FAILED = "generation failed inside the server (its log has the details); retry the request"
 
 
@@ -48,7 +51,8 @@ class Settings:
     name: str  # the model id clients pass
     max_num_seqs: int = 16  # KV-cache slots: sequences decoded together
     max_queue: int = 64  # sequences that may wait for a slot; past it a request is refused (503)
-    token_budget: int = 256  # tokens per engine step (decode rows + prompt chunks): bounds a step's time
+    token_budget: int | None = None  # tokens per engine step (decode rows + prompt chunks); None: SERVE_PREFILL_TOKENS
+                                     # beyond one per slot. It bounds a step's time, so streams stay smooth
     api_key: str | None = None
     pooling: str = "mean"  # embeddings: mean of the final hidden states, or the last token's
     max_body_bytes: int = 4 * 2**20
@@ -65,7 +69,7 @@ class Server:
 
     def start(self, lm: LanguageModel) -> None:
         s = self.settings
-        engine = Engine(lm.model, lm.tokenizer, s.max_num_seqs, token_budget=max(s.token_budget, s.max_num_seqs + 1))
+        engine = Engine(lm.model, lm.tokenizer, s.max_num_seqs, token_budget=s.token_budget or s.max_num_seqs + SERVE_PREFILL_TOKENS)
         self.runner = EngineRunner(engine, self.metrics, s.max_queue)
         self.runner.start()
         self.lm = lm

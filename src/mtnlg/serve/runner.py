@@ -108,7 +108,7 @@ class EngineRunner:
                     self.engine.add(request)
                 except ValueError:  # the server checks lengths first; this is the engine's own guard
                     request.finish = "error"
-                    self._emit(request)
+                    self._deliver([self._event(request)])
             for fn, future in jobs:
                 try:
                     future.set_result(fn())
@@ -119,14 +119,20 @@ class EngineRunner:
             except Exception:
                 traceback.print_exc(file=sys.stderr)
                 changed = self.engine.fail()
-            for request in changed:
-                self._emit(request)
+            self._deliver([self._event(request) for request in changed])
             self.metrics.observe_engine(self.engine)
 
-    def _emit(self, request: Request) -> None:
+    @staticmethod
+    def _deliver(events: list[tuple[Listener, Request, Event] | None]) -> None:
+        """Hand a step's events to the event loop in one wake-up (not one per request)."""
+        events = [e for e in events if e is not None]
+        if events:
+            events[0][0].loop.call_soon_threadsafe(_put_all, events)
+
+    def _event(self, request: Request) -> tuple[Listener, Request, Event] | None:
         listener = self._listeners.get(request)
         if listener is None:
-            return
+            return None
         now = time.perf_counter()
         new = slice(listener.emitted, len(request.ids))
         if request.ids[new]:
@@ -137,4 +143,9 @@ class EngineRunner:
         if request.finish:
             del self._listeners[request]
             self.metrics.observe_finish(listener, now, request)
-        listener.loop.call_soon_threadsafe(listener.queue.put_nowait, (request, event))
+        return listener, request, event
+
+
+def _put_all(events: list[tuple[Listener, Request, Event]]) -> None:
+    for listener, request, event in events:
+        listener.queue.put_nowait((request, event))
