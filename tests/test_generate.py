@@ -110,7 +110,7 @@ def test_many_prompts_run_batch_size_sequences_at_a_time(lm):
     rows, hook = _rows_per_forward(lm)
     batched = lm.generate(prompts, batch_size=4, max_new_tokens=6, seed=5, n=2, ignore_eos=True)
     hook.remove()
-    assert max(rows) == 4 and rows.count(2) == 6  # 2+2+1 prompts x 2 completions: the last batch decodes 2 rows
+    assert max(rows) == 4  # 10 sequences, never more than 4 at once (each finished one's slot is refilled)
     together = lm.generate(prompts, max_new_tokens=6, seed=5, n=2, ignore_eos=True)
     assert [c.index for c in batched] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert [(c.index, c.token_ids) for c in batched] == [(c.index, c.token_ids) for c in together]
