@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -257,10 +258,16 @@ def test_full_queue_answers_503_and_the_api_key_is_checked(checkpoint):
     assert "Traceback" not in log, log
 
 
-def test_serve_refuses_a_missing_checkpoint(tmp_path):
+def test_serve_refuses_a_missing_checkpoint_and_a_model_it_cannot_load(tmp_path, checkpoint):
     result = subprocess.run([sys.executable, "-m", "mtnlg", "serve", str(tmp_path / "nothing")], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "mtnlg serve: error:" in result.stderr
+    # bf16 on a CPU without bf16 instructions fails while loading, once the server is already up
+    result = subprocess.run([sys.executable, "-m", "mtnlg", "serve", str(checkpoint), "--dtype", "bf16", "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("mtnlg serve: error: bf16 weights need")
 
 
 def test_a_failing_step_ends_its_stream_with_an_error_event_and_the_loop_lives_on(checkpoint):

@@ -197,7 +197,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     print(f"mtnlg serve: loading {checkpoint}; serving {name} on http://{args.host}:{args.port} (playground at /, "
           "GET /health answers 503 until the model is ready)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(settings, lambda: mtnlg.load(checkpoint, args.device, dtype=args.dtype)), host=args.host, port=args.port, log_level="warning")
+    failed: list[str] = []
+
+    def load() -> mtnlg.LanguageModel:
+        try:
+            return mtnlg.load(checkpoint, args.device, dtype=args.dtype)
+        except Exception as e:  # the server is up by now: stop it, then say why
+            failed.append(str(e) if isinstance(e, MtnlgError) else f"loading {checkpoint} failed: {type(e).__name__}: {e}")
+            server.should_exit = True
+            raise
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, load), host=args.host, port=args.port, log_level="warning"))
+    server.run()
+    if failed:
+        raise MtnlgError(failed[0])
 
 
 def _print_stream(model, prompt: str, params: dict) -> str:

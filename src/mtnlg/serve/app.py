@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import sys
@@ -127,6 +128,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
     """The app; `load` runs in a thread once the server is up, so /health answers 503 while it loads."""
     server = Server(settings)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load_and_start() -> None:
             server.start(await asyncio.to_thread(load))
@@ -134,11 +136,12 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
         task = asyncio.create_task(load_and_start())
         yield
         task.cancel()
+        if task.done() and not task.cancelled():
+            task.exception()  # a failed load: whoever passed `load` reports it
         if server.runner is not None:
             server.runner.stop()
 
     app = FastAPI(title="mtnlg", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = server
     _install_error_handlers(app)
 
     app.add_middleware(Guard, server=server)
@@ -172,7 +175,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
             server.check_length(tokens, max_tokens, "max_tokens")
         seqs = server.requests(prompts, _sampling(body, max_tokens, body.logprobs, body.echo))
         listener = server.submit(seqs)
-        reply = _Reply("cmpl", "text_completion", settings.name, server, seqs, body, prompts)
+        reply = _Reply("cmpl", settings.name, server, seqs, body, prompts)
         if body.stream:
             return _sse(reply.completion_chunks(listener), server, seqs)
         if not await _wait(listener, seqs, server, request):
@@ -192,7 +195,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
         stop = DEFAULT_CHAT_STOP if tokenizer.chat_template is None else ()
         seqs = server.requests([prompt], _sampling(body, max_tokens, logprobs, stop=stop))
         listener = server.submit(seqs)
-        reply = _Reply("chatcmpl", "chat.completion", settings.name, server, seqs, body, [prompt])
+        reply = _Reply("chatcmpl", settings.name, server, seqs, body, [prompt])
         if body.stream:
             return _sse(reply.chat_chunks(listener), server, seqs)
         if not await _wait(listener, seqs, server, request):
@@ -332,9 +335,8 @@ def _sse(events: AsyncIterator[dict], server: Server, seqs: list[Request]) -> St
 class _Reply:
     """The response bodies of one completions or chat request, whole or as stream chunks."""
 
-    def __init__(self, prefix: str, kind: str, model: str, server: Server, seqs: list[Request], body: Any,
-                 prompts: list[list[int]]):
-        self.id, self.kind, self.model = f"{prefix}-{uuid.uuid4().hex}", kind, model
+    def __init__(self, prefix: str, model: str, server: Server, seqs: list[Request], body: Any, prompts: list[list[int]]):
+        self.id, self.model = f"{prefix}-{uuid.uuid4().hex}", model
         self.created, self.tokenizer, self.seqs, self.body, self.prompts = int(time.time()), server.lm.tokenizer, seqs, body, prompts
 
     def _head(self, kind: str) -> dict:
