@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -270,8 +271,8 @@ def test_serve_refuses_a_missing_checkpoint_and_a_model_it_cannot_load(tmp_path,
     assert result.stderr.strip().splitlines()[-1].startswith("mtnlg serve: error: bf16 weights need")
 
 
-def test_a_failing_step_ends_its_stream_with_an_error_event_and_the_loop_lives_on(checkpoint):
-    """In process: a forward that raises midway through a stream."""
+def test_loading_then_a_failing_step_ends_its_stream_with_an_error_event_and_the_loop_lives_on(checkpoint):
+    """In process: /health is 503 until the model is loaded; then a forward raises midway through a stream."""
     from fastapi.testclient import TestClient
 
     from mtnlg.serve.app import Settings, create_app
@@ -286,7 +287,17 @@ def test_a_failing_step_ends_its_stream_with_an_error_event_and_the_loop_lives_o
         return forward(*args, **kwargs)
 
     lm.model.forward = flaky
-    with TestClient(create_app(Settings(name="m"), lambda: lm)) as client:
+    loaded = threading.Event()
+
+    def load():
+        loaded.wait(timeout=30)
+        return lm
+
+    with TestClient(create_app(Settings(name="m"), load)) as client:
+        assert client.get("/health").status_code == 503  # still loading: the API says so too
+        busy = client.post("/v1/completions", json={"prompt": "The"})
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading"
+        loaded.set()
         while client.get("/health").status_code != 200:
             time.sleep(0.05)
         body = {"prompt": "The", "max_tokens": 20, "stream": True, "ignore_eos": True}
