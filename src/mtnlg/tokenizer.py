@@ -2,7 +2,6 @@
 and the chat template that turns messages into a prompt, kept as Hugging Face keeps it."""
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mtnlg.errors import MtnlgError
+from mtnlg.files import write_text_atomic
 
 EOD = "<|endoftext|>"
 FOREIGN_EODS = ("</s>", "<|end_of_text|>")  # end tokens of imported tokenizers that play EOD's part
@@ -72,11 +72,9 @@ class Tokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write directory/tokenizer.json (and the chat template, in tokenizer_config.json) atomically; return
         the tokenizer.json path."""
-        path = Path(directory) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, self._tok.to_str(pretty=True))
+        path = write_text_atomic(Path(directory) / "tokenizer.json", self._tok.to_str(pretty=True))
         if self.chat_template is not None:
-            _write_atomic(path.parent / CONFIG_FILE, json.dumps({"chat_template": self.chat_template}, indent=2) + "\n")
+            write_text_atomic(path.parent / CONFIG_FILE, json.dumps({"chat_template": self.chat_template}, indent=2) + "\n")
         return path
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -145,9 +143,3 @@ def _chat_template(config: Path) -> str | None:
     if isinstance(template, list):  # several named templates, as some models ship: take the default
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     return template if isinstance(template, str) else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

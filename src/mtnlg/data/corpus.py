@@ -5,13 +5,14 @@ import importlib
 import inspect
 import io
 import json
-import os
 import pkgutil
 import sys
 import warnings
 from pathlib import Path
 
 import pydoc_data.topics
+
+from mtnlg.files import write_text_atomic
 
 # Modules that open windows, print, touch the terminal, write files on import, are tests or codec tables, or
 # (distutils) are often setuptools' copy rather than the standard library's.
@@ -73,10 +74,4 @@ def build_default_corpus(path: str | Path) -> Path:
             seen.update(docs)
             if docs:
                 documents.append("\n\n".join(docs))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for text in documents:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in documents))

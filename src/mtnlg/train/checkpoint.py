@@ -28,6 +28,7 @@ from torch import nn
 
 from mtnlg.config import Config
 from mtnlg.errors import MtnlgError
+from mtnlg.files import write_text_atomic
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
 
@@ -186,9 +187,7 @@ def _temporary(directory: Path) -> Path:
 
 def mark_latest(checkpoint: Path) -> None:
     """Point `latest` (a one-line file beside the checkpoints) at `checkpoint`, atomically."""
-    tmp = checkpoint.parent / (LATEST + ".tmp")
-    tmp.write_text(checkpoint.name + "\n")
-    os.replace(tmp, checkpoint.parent / LATEST)
+    write_text_atomic(checkpoint.parent / LATEST, checkpoint.name + "\n")
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> None:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mtnlg.files import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -43,9 +45,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _drop_records_after(path: Path, step: int) -> None:
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
