@@ -123,6 +123,23 @@ def test_export_loads_in_transformers(hf, tokenizer, tmp_path):
     assert hf_tokenizer.eos_token == "<|endoftext|>"
 
 
+def test_a_chat_template_travels_through_import_and_export(llama_dir, tmp_path):
+    """The checkpoint keeps the HF folder's Jinja template; ours and transformers' render the same ids."""
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (llama_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<|endoftext|>",
+                                                                 "eos_token": "<|endoftext|>"}))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": SENTENCE}]
+    source = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    _, ours, _ = load_model(import_hf(llama_dir, tmp_path / "ckpt"))
+    assert ours.chat_template == template
+    assert ours.render_chat(messages) == source.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    exported = transformers.AutoTokenizer.from_pretrained(export_hf(tmp_path / "ckpt", tmp_path / "hf"))
+    ids = exported.apply_chat_template(messages, add_generation_prompt=True)
+    assert list(getattr(ids, "input_ids", ids)) == ours.encode(ours.render_chat(messages))
+    assert exported.eos_token == source.eos_token
+
+
 def test_import_export_import_is_bit_exact(hf, tmp_path):
     _, src = hf
     first = import_hf(src, tmp_path / "a")

@@ -91,7 +91,7 @@ class Tokenizer:
         try:
             template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
             return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                   bos_token="", eos_token=self.decode([self.eod_id]))
+                                   bos_token=self.bos_token or "", eos_token=self.decode([self.eod_id]))
         except TemplateError as e:
             raise MtnlgError(f"the chat template cannot render these messages: {e}") from None
 
@@ -113,6 +113,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> str | None:
+        """What starts a document for Hugging Face: Llama's `<s>` where the vocabulary has it, else EOD (as in GPT-2)."""
+        return next((t for t in ("<s>", EOD) if self.token_id(t) is not None), None)
 
     @property
     def eod_id(self) -> int:

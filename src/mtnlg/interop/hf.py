@@ -23,7 +23,7 @@ import torch
 from mtnlg.config import Config, ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.model.gpt import GPT
-from mtnlg.tokenizer import EOD, Tokenizer
+from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.checkpoint import atomic_directory, load_model, resolve_checkpoint, save_checkpoint
 
 # (HF module, the mtnlg modules it holds, weight stored transposed as [in, out]); "{i}" repeats per layer.
@@ -199,12 +199,13 @@ def export_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
         "eos_token": eos,
         "model_max_length": config.model.max_seq_len,
         "clean_up_tokenization_spaces": False,
+        **({"chat_template": tokenizer.chat_template} if tokenizer.chat_template is not None else {}),
     }
     with atomic_directory(dst) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        tokenizer.save(tmp)  # before tokenizer_config.json, which it would write with the chat template alone
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        tokenizer.save(tmp)
     return dst
 
 
@@ -347,5 +348,5 @@ def _special_tokens(tokenizer: Tokenizer) -> tuple[tuple[str | None, int | None]
     """(bos, eos) as (token, id): eos is the tokenizer's end of document; mtnlg's EOD starts documents too,
     as in GPT-2, while a tokenizer imported from Llama has <s> for that."""
     eos_id = tokenizer.eod_id
-    bos = next((t for t in ("<s>", EOD) if tokenizer.token_id(t) is not None), None)
+    bos = tokenizer.bos_token
     return (bos, tokenizer.token_id(bos) if bos else None), (tokenizer.decode([eos_id]), eos_id)
