@@ -6,7 +6,8 @@ level sends the same requests: prompts of 16-512 tokens (as token ids) and 64-12
 the previous one ends. Printed per level: aggregate generated tokens/s, time to first token p50/p99, and
 inter-token latency p50/p99 (the gaps between content chunks of a stream, per token). They are compared
 with (a) one client, i.e. the same requests one at a time, and (b) the offline engine running all of them
-batched in-process with no token budget and no HTTP (the upper bound), at the same slot count.
+batched in-process at its default budget, with no HTTP (the upper bound), at the same slot count. And the
+time to first token that prefix reuse saves when requests share a long preamble (in-process, same engine).
 
     .venv/bin/python benchmarks/serve_throughput.py [--requests 32] [--token-budget 144] [--threads 2]
 """
@@ -101,7 +102,7 @@ async def run_clients(url: str, requests: list[tuple[list[int], int]], clients: 
 
 
 def offline(lm: mtnlg.LanguageModel, requests: list[tuple[list[int], int]], slots: int) -> tuple[int, float]:
-    """All requests through the engine in-process, batched with no token budget: (tokens, seconds)."""
+    """All requests through the engine in-process, batched at its default budget: (tokens, seconds)."""
     engine = Engine(lm.model, lm.tokenizer, slots)
     for prompt, new in requests:
         engine.add(Request(prompt, Sampling(max_new_tokens=new, temperature=0, ignore_eos=True), torch.Generator()))
@@ -109,6 +110,24 @@ def offline(lm: mtnlg.LanguageModel, requests: list[tuple[list[int], int]], slot
     while engine.has_work():
         engine.step()
     return sum(new for _, new in requests), time.perf_counter() - start
+
+
+def prefix_ttft(lm: mtnlg.LanguageModel, reuse: bool, budget: int, count: int = 6) -> list[float]:
+    """Time to first token of requests sent one at a time that share a 448-token preamble (a system prompt)
+    and differ in a 16-token question, through the engine at the server's budget."""
+    rng = random.Random(1)
+    preamble = [rng.randrange(1, 50000) for _ in range(448)]
+    engine = Engine(lm.model, lm.tokenizer, 16, token_budget=budget, reuse_prefixes=reuse)
+    times = []
+    for _ in range(count):
+        request = Request(preamble + [rng.randrange(1, 50000) for _ in range(16)],
+                          Sampling(max_new_tokens=1, temperature=0, ignore_eos=True), torch.Generator())
+        start = time.perf_counter()
+        engine.add(request)
+        while not request.ids:
+            engine.step()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def free_port() -> int:
@@ -145,6 +164,10 @@ def main() -> None:
         tokens, seconds = offline(lm, requests, args.max_num_seqs)
         offline_rate = tokens / seconds
         print(f"offline engine, batched: {offline_rate:.1f} tokens/s ({tokens} tokens in {seconds:.1f} s)")
+        budget = args.token_budget or args.max_num_seqs + SERVE_PREFILL_TOKENS
+        cold, warm = (prefix_ttft(lm, reuse, budget) for reuse in (False, True))
+        print(f"shared 448-token preamble, one request at a time: TTFT median {statistics.median(cold):.2f} s without "
+              f"prefix reuse, {statistics.median(warm[1:]):.2f} s with it (after the first)")
         del lm
 
         port = free_port()

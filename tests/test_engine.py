@@ -107,3 +107,24 @@ def test_a_full_context_ends_with_length(model, tokenizer):
     assert len(request.ids) == 128 - 120 and request.finish == "length"
     with pytest.raises(ValueError, match="does not fit"):
         engine.add(Request(list(range(1, 129)), Sampling(), torch.Generator()))
+
+
+def test_a_prompt_that_starts_like_a_finished_one_reuses_its_slot_and_reads_only_the_rest(model, tokenizer):
+    """A shared preamble is read once: the next request takes the slot holding it, and decodes exactly as
+    it would from scratch."""
+    preamble, params = list(range(100, 160)), Sampling(max_new_tokens=8, temperature=0, ignore_eos=True)
+    engine = Engine(model, tokenizer, max_num_seqs=3)
+    first = Request(preamble + [7, 8, 9], params, torch.Generator())
+    run(engine, {0: [first]})
+    second = Request(preamble + [11, 12], params, torch.Generator())
+    engine.add(second)
+    engine.step()
+    assert second.slot == first.slot and engine.reused == 60 and second.read == 62
+    run(engine, {})
+    assert second.ids == alone(model, tokenizer, second.prompt, params)
+    exact = Engine(model, tokenizer, max_num_seqs=3, reuse_prefixes=False)
+    run(exact, {0: [Request(preamble + [7], params, torch.Generator())], 20: [Request(preamble + [5], params, torch.Generator())]})
+    assert exact.reused == 0
+    scored = Request(preamble + [11, 12], Sampling(max_new_tokens=0, echo=True, logprobs=0), torch.Generator())
+    run(engine, {0: [scored]})  # prompt log-probabilities need the whole prompt read
+    assert engine.reused == 60 and len(scored.prompt_logprobs) == 62

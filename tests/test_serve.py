@@ -224,6 +224,10 @@ def test_concurrent_requests_each_equal_to_alone(server):
         together = list(pool.map(ask, prompts))
     assert together == alone
     assert server.metric("mtnlg_slots_used") == 0
+    # a prompt served before is not read again (a free slot still holds it), and answers the same
+    before = server.metric("mtnlg_prompt_tokens_reused_total")
+    assert ask(prompts[-1]) == alone[-1]
+    assert server.metric("mtnlg_prompt_tokens_reused_total") > before
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):

@@ -4,7 +4,9 @@ Each sequence owns a slot of the KV cache while it runs. Every step first decode
 sequence that has read its prompt, then spends what is left of the step's token budget reading prompts,
 a long one in chunks (vLLM's order: decode first, chunked prefill), so running streams keep flowing while
 a new prompt is read. A finished or cancelled sequence frees its slot at once and the next waiting one
-takes it. Offline generation (`generate`, `stream`) and the server run on this same loop.
+takes it. A free slot still holds its last sequence's keys and values: a new prompt that starts the same
+way (a shared system prompt, a few-shot preamble) takes the slot with the longest common prefix and reads
+only the rest. Offline generation (`generate`, `stream`) and the server run on this same loop.
 
 Every sequence samples with its own settings and its own generator, and attends only to its own slot, so
 its tokens do not depend on what else is running. Under tensor parallelism every process runs the same
@@ -99,8 +101,9 @@ class Engine:
         max_num_seqs: int,
         token_budget: int | None = None,
         max_len: int | None = None,
+        reuse_prefixes: bool = True,
     ):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.reuse_prefixes = model, tokenizer, reuse_prefixes
         self.max_len = max_len or model.cfg.max_seq_len
         self.token_budget = token_budget or max_num_seqs + PREFILL_TOKENS
         if self.token_budget <= max_num_seqs:
@@ -109,6 +112,8 @@ class Engine:
         self.cache = KVCache(model.cfg, max_num_seqs, self.max_len, weight.device, weight.dtype)
         self.device, self.vocab = weight.device, model.cfg.vocab_size
         self.slots: list[Request | None] = [None] * max_num_seqs
+        self.held: list[list[int]] = [[] for _ in range(max_num_seqs)]  # what each free slot's cache holds
+        self.reused = 0  # prompt tokens not read again, thanks to a held prefix
         self.waiting: deque[Request] = deque()
 
     @property
@@ -155,13 +160,22 @@ class Engine:
         return [self._release(s, "error") for s in self.running]
 
     def _admit(self, seq: Request) -> None:
-        seq.slot = self.slots.index(None)
-        self.slots[seq.slot] = seq
-        self.cache.reset(seq.slot)
+        """Into the free slot holding the longest prefix of its prompt (the lowest free slot when none
+        does); the held part is not read again. At least the prompt's last token is read, for its logits."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        shared = {i: _common_prefix(self.held[i], seq.prompt) for i in free}
+        if not self.reuse_prefixes or seq.wants_prompt_logprobs:  # prompt log-probabilities need every logit
+            shared = dict.fromkeys(free, 0)
+        seq.slot = max(free, key=lambda i: (shared[i], -i))
+        seq.read = min(shared[seq.slot], len(seq.prompt) - 1)
+        self.reused += seq.read
+        self.slots[seq.slot], self.held[seq.slot] = seq, []
+        self.cache.reset(seq.slot, seq.read)
 
     def _release(self, seq: Request, finish: str) -> Request:
         seq.finish = seq.finish or finish
         self.slots[seq.slot] = None
+        self.held[seq.slot] = (seq.prompt + seq.ids)[: int(self.cache.lengths[seq.slot])]  # tokens go in in this order
         return seq
 
     def _decode(self, decoding: list[Request]) -> list[Request]:
@@ -263,3 +277,12 @@ def _similar_widths(chunks: list[tuple[Request, int]]) -> list[list[tuple[Reques
         else:
             groups.append([chunk])
     return groups
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -94,9 +94,10 @@ class KVCache:
         self.lengths[self._slots] += self._new_counts
         self.select()
 
-    def reset(self, slot: int) -> None:
-        """Empty a slot for a new sequence (its old keys stay, unread, until overwritten)."""
-        self.lengths[slot] = 0
+    def reset(self, slot: int, keep: int = 0) -> None:
+        """Start a slot's next sequence, keeping its first `keep` positions (a prefix it shares with the last
+        one); the keys beyond stay, unread, until overwritten."""
+        self.lengths[slot] = keep
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the given batch rows (in that order): beam search follows its surviving beams."""

@@ -23,7 +23,9 @@ class Metrics:
         self.running = Gauge("mtnlg_requests_running", "HTTP requests in progress", registry=r)
         self.waiting = Gauge("mtnlg_sequences_waiting", "Sequences waiting for a slot", registry=r)
         self.slots_used = Gauge("mtnlg_slots_used", "KV-cache slots in use", registry=r)
-        self.prompt_tokens = Counter("mtnlg_prompt_tokens", "Prompt tokens read", registry=r)
+        self.prompt_tokens = Counter("mtnlg_prompt_tokens", "Prompt tokens of finished sequences", registry=r)
+        self.reused_tokens = Counter("mtnlg_prompt_tokens_reused", "Prompt tokens not read: a slot held them", registry=r)
+        self._reused = 0  # the engine's count when last seen
         self.generation_tokens = Counter("mtnlg_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("mtnlg_requests_finished", "Sequences finished, by reason", ["finish_reason"], registry=r)
         self.rejected = Counter("mtnlg_requests_rejected", "Requests refused because the queue was full", registry=r)
@@ -35,6 +37,8 @@ class Metrics:
     def observe_engine(self, engine: Engine) -> None:
         self.slots_used.set(len(engine.running))
         self.waiting.set(len(engine.waiting))
+        self.reused_tokens.inc(engine.reused - self._reused)
+        self._reused = engine.reused
 
     def observe_tokens(self, listener: Listener, now: float, count: int) -> None:
         if listener.last is None:
