@@ -111,6 +111,10 @@ def test_streaming_joins_to_the_same_text_for_the_same_seed(server):
     chunks = list(client.completions.create(prompt="Training runs", stream=True, stream_options={"include_usage": True}, **args))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
     assert chunks[-1].usage.completion_tokens > 0 and chunks[-2].choices[0].finish_reason in ("stop", "length")
+    streamed = client.completions.create(prompt="Training runs", stream=True, logprobs=1, **args)
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    tokens = [t for p in pieces for t in p.tokens]
+    assert [o for p in pieces for o in p.text_offset] == np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is attention?"}]
     chat = client.chat.completions.create(model="tiny-serve", messages=messages, max_completion_tokens=30, seed=5)
     streamed = client.chat.completions.create(model="tiny-serve", messages=messages, max_completion_tokens=30, seed=5,
@@ -196,6 +200,11 @@ def test_errors_answer_in_the_openai_envelope(server):
         client.completions.create(model="tiny-serve", prompt="x " * 200, max_tokens=100)
     message = long.value.body["message"]
     assert "max_tokens is 100" in message and "context of 256" in message
+    for bad in ({"temperature": 1e-40}, {"seed": 2**64}, {"repetition_penalty": 1e-300}):  # would overflow inside
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny-serve", prompt="x", extra_body=bad)
+    with pytest.raises(openai.BadRequestError, match="sequences"):
+        client.completions.create(model="tiny-serve", prompt=["a", "b"], n=64)  # more than slots + queue
     with pytest.raises(openai.BadRequestError, match="beam search"):
         client.completions.create(model="tiny-serve", prompt="x", extra_body={"use_beam_search": True})
     too_big = server.post("/v1/completions", content=b"{" + b" " * (5 * 2**20) + b"}",

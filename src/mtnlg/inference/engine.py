@@ -115,6 +115,7 @@ class Engine:
         self.held: list[list[int]] = [[] for _ in range(max_num_seqs)]  # what each free slot's cache holds
         self.reused = 0  # prompt tokens not read again, thanks to a held prefix
         self.waiting: deque[Request] = deque()
+        self.changed: list[Request] = []  # by the current (or last) step
 
     @property
     def running(self) -> list[Request]:
@@ -133,16 +134,19 @@ class Engine:
     def step(self) -> list[Request]:
         """Free cancelled slots, admit waiting sequences, decode, read prompts. Returns the sequences that
         changed (a new token, or finished)."""
-        changed = [self._release(s, "cancelled") for s in self.running if s.cancelled]
+        self.changed = []  # every sequence that gets a token or finishes, as it does: `fail` reports them too
+        for seq in self.running:
+            if seq.cancelled:
+                self._release(seq, "cancelled")
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
             seq.finish = "cancelled"
-            changed.append(seq)
+            self.changed.append(seq)
         while self.waiting and None in self.slots:
             self._admit(self.waiting.popleft())
         decoding = [s for s in self.running if s.pending is not None]
         if decoding:
-            changed += self._decode(decoding)
+            self._decode(decoding)
         budget = self.token_budget - len(decoding)
         chunks = []
         for seq in sorted((s for s in self.running if s.read < len(s.prompt)), key=lambda s: s.arrival):
@@ -152,12 +156,15 @@ class Engine:
             chunks.append((seq, take))
             budget -= take
         for group in _similar_widths(chunks):
-            changed += self._prefill(group)
-        return changed
+            self._prefill(group)
+        return list(dict.fromkeys(self.changed))
 
     def fail(self) -> list[Request]:
-        """After a step raised: end every running sequence with "error", free its slot, and return them."""
-        return [self._release(s, "error") for s in self.running]
+        """After a step raised: end every running sequence with "error", free its slot, and return them with
+        those the step had changed before it raised."""
+        for seq in self.running:
+            self._release(seq, "error")
+        return list(dict.fromkeys(self.changed))
 
     def _admit(self, seq: Request) -> None:
         """Into the free slot holding the longest prefix of its prompt (the lowest free slot when none
@@ -173,12 +180,13 @@ class Engine:
         self.cache.reset(seq.slot, seq.read)
 
     def _release(self, seq: Request, finish: str) -> Request:
+        self.changed.append(seq)
         seq.finish = seq.finish or finish
         self.slots[seq.slot] = None
         self.held[seq.slot] = (seq.prompt + seq.ids)[: int(self.cache.lengths[seq.slot])]  # tokens go in in this order
         return seq
 
-    def _decode(self, decoding: list[Request]) -> list[Request]:
+    def _decode(self, decoding: list[Request]) -> None:
         # The first n slots run as one batch, read in place; slots in that range that are not decoding
         # (free, or still reading a prompt) ride along with no real token.
         n = max(s.slot for s in decoding) + 1
@@ -189,10 +197,10 @@ class Engine:
         self.cache.select(torch.arange(n), counts)
         logits = whole(self.model(tokens.to(self.device), cache=self.cache, last_only=True)[:, 0]).float()
         for seq in decoding:
+            self.changed.append(seq)
             self._accept(seq, logits[seq.slot])
-        return decoding
 
-    def _prefill(self, chunks: list[tuple[Request, int]]) -> list[Request]:
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
         width = max(take for _, take in chunks)
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
         for i, (seq, take) in enumerate(chunks):
@@ -200,19 +208,17 @@ class Engine:
         self.cache.select(torch.tensor([seq.slot for seq, _ in chunks]), torch.tensor([take for _, take in chunks]))
         full = any(seq.wants_prompt_logprobs for seq, _ in chunks)  # every position's logits, not just the last
         logits = whole(self.model(tokens.to(self.device), cache=self.cache, last_only=not full)).float()
-        done = []
         for i, (seq, take) in enumerate(chunks):
             if seq.wants_prompt_logprobs:
                 self._score_prompt(seq, logits[i, :take])
             seq.read += take
             if seq.read < len(seq.prompt):
                 continue
-            done.append(seq)
+            self.changed.append(seq)
             if seq.params.max_new_tokens == 0:
                 self._release(seq, "length")
             else:
                 self._accept(seq, logits[i, take - 1 if full else 0])
-        return done
 
     def _score_prompt(self, seq: Request, logits: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's logits predict (the legacy echo shape)."""

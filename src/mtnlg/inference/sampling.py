@@ -36,11 +36,13 @@ class Sampling:
     def __post_init__(self) -> None:
         checks = {
             "max_new_tokens >= 0": self.max_new_tokens >= 0,
-            "temperature >= 0": self.temperature >= 0,
+            # below 1e-3 the scaled logits overflow fp32 (and sampling is greedy anyway): say 0 for greedy
+            "temperature 0 or >= 1e-3": self.temperature == 0 or self.temperature >= 1e-3,
             "top_k >= 0": self.top_k >= 0,
             "0 < top_p <= 1": 0 < self.top_p <= 1,
             "0 <= min_p < 1": 0 <= self.min_p < 1,
-            "repetition_penalty > 0": self.repetition_penalty > 0,
+            "repetition_penalty >= 1e-3": self.repetition_penalty >= 1e-3,
+            "0 <= seed < 2**62": self.seed is None or 0 <= self.seed < 2**62,
             "n >= 1": self.n >= 1,
             "num_beams >= 1": self.num_beams >= 1,
             "n <= num_beams with beam search": self.num_beams == 1 or self.n <= self.num_beams,

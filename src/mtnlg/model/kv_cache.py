@@ -45,7 +45,8 @@ class KVCache:
         slots = torch.arange(self.rows) if self._rows is None else self._rows.cpu()
         counts = torch.full((len(slots),), steps) if self._counts is None else self._counts.cpu()
         starts = self.lengths[slots]
-        end = int((starts + counts).max())
+        real_rows = counts > 0  # rows riding along with no token (free slots, others' prompts) need no keys
+        end = int((starts + counts)[real_rows].max()) if real_rows.any() else 1
         if end > self.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache's {self.max_len}")
         offsets = torch.arange(steps)

@@ -44,6 +44,7 @@ EMBED_BATCH = 16
 # Prompt tokens a server step reads besides its decode rows: inter-token p99 stayed under 3x p50 at 16
 # streaming clients with 128, not with 256 (GPT-2 shape on 2 CPU cores, docs/benchmarks.md).
 SERVE_PREFILL_TOKENS = 128
+DISCONNECT_CHECK_S = 0.25  # how often a non-streaming request looks for its client
 GENERATION_FAILED = "generation failed inside the server (its log has the details); retry the request"
 
 
@@ -115,6 +116,10 @@ class Server:
                 for g in seeded_generators(self.lm.model, params, params.n)]
 
     def submit(self, seqs: list[Request]) -> Listener:
+        most = self.settings.max_num_seqs + self.settings.max_queue
+        if len(seqs) > most:
+            raise APIError(400, f"this request needs {len(seqs)} sequences (prompts x n) but the server holds at most "
+                           f"{most} (--max-num-seqs + --max-queue); send fewer prompts or a smaller n", "n")
         listener = Listener(asyncio.get_running_loop())
         try:
             self.runner.submit(seqs, listener)
@@ -168,7 +173,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
     async def completions(body: CompletionRequest, request: HTTPRequest) -> Response:
         server.check_model(body.model)
         prompts = server.encode(body.prompt, "prompt")
-        max_tokens = body.max_tokens if body.max_tokens is not None else server.context - max(map(len, prompts))
+        max_tokens = body.max_tokens if body.max_tokens is not None else max(1, server.context - max(map(len, prompts)))
         if max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens is 0 without echo: nothing would come back; raise it or set echo", "max_tokens")
         for tokens in prompts:
@@ -189,7 +194,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
         text = tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         prompt = server.encode(text, "messages")[0]
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = body.max_completion_tokens or body.max_tokens or server.context - len(prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, server.context - len(prompt))
         server.check_length(prompt, max_tokens, field)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         stop = DEFAULT_CHAT_STOP if tokenizer.chat_template is None else ()
@@ -299,16 +304,18 @@ def _sampling(body: SamplingFields, max_tokens: int, logprobs: int | None, echo:
 
 async def _wait(listener: Listener, seqs: list[Request], server: Server, request: HTTPRequest) -> bool:
     """Until every sequence has finished (True); a client that disconnects meanwhile cancels them (False)."""
-    left = len(seqs)
+    left, checked = len(seqs), time.monotonic()
     while left:
         try:
-            _, event = await asyncio.wait_for(listener.queue.get(), timeout=0.25)
-        except TimeoutError:
+            _, event = await asyncio.wait_for(listener.queue.get(), timeout=DISCONNECT_CHECK_S)
+            left -= event.finish is not None
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            pass
+        if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+            checked = time.monotonic()
             if await request.is_disconnected():
                 server.runner.cancel(seqs)
                 return False
-            continue
-        left -= event.finish is not None
     if any(s.finish == "error" for s in seqs):
         raise APIError(500, GENERATION_FAILED)
     return True
@@ -367,10 +374,12 @@ class _Reply:
             if seq.params.echo:
                 yield {**head, "choices": [{"index": i, "text": self.tokenizer.decode(seq.prompt), "logprobs": None,
                                             "finish_reason": None}]}
+        offsets = [len(self.tokenizer.decode(s.prompt)) if s.params.echo else 0 for s in self.seqs]
         async for i, event in self._events(listener):
             logprobs = None
             if self.body.logprobs is not None and event.tokens:
-                logprobs = self._legacy(event.tokens, event.logprobs, event.top if self.body.logprobs else None)
+                logprobs = self._legacy(event.tokens, event.logprobs, event.top if self.body.logprobs else None, offsets[i])
+                offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
             if event.text or logprobs or event.finish:
                 yield {**head, "choices": [{"index": i, "text": event.text, "logprobs": logprobs,
                                             "finish_reason": _finish(self.seqs[i]) if event.finish else None}]}
@@ -415,11 +424,11 @@ class _Reply:
             ids, logprobs, top = seq.prompt + ids, seq.prompt_logprobs + logprobs, seq.prompt_top + top
         return self._legacy(ids, logprobs, top if seq.params.logprobs else None)
 
-    def _legacy(self, ids: list[int], logprobs: list, top: list | None) -> dict:
+    def _legacy(self, ids: list[int], logprobs: list, top: list | None, start: int = 0) -> dict:
         """The completions API's logprobs: token strings, their log-probabilities (None for a first prompt
-        token), the top alternatives, and each token's character offset in the text."""
+        token), the top alternatives, and each token's character offset in the text (from `start`)."""
         tokens = [self.tokenizer.decode([t]) for t in ids]
-        offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() if tokens else []
+        offsets = (start + np.cumsum([0] + [len(t) for t in tokens[:-1]])).tolist() if tokens else []
         return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
     def _chat_logprobs(self, ids: list[int], logprobs: list[float], top: list[dict]) -> dict:

@@ -110,6 +110,8 @@ class EngineRunner:
                     request.finish = "error"
                     self._deliver([self._event(request)])
             for fn, future in jobs:
+                if not future.set_running_or_notify_cancel():  # its caller has gone
+                    continue
                 try:
                     future.set_result(fn())
                 except Exception as e:  # the job's caller reports it
