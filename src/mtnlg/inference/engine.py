@@ -59,13 +59,18 @@ class Request:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     _counts: torch.Tensor | None = None  # penalties: tokens generated so far, tokens seen
     _seen: torch.Tensor | None = None
+    _decoded: tuple[int, str] = (0, "")  # the text of ids[:n]: decoded once per new token, however often asked
 
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.echo and self.params.logprobs is not None
 
     def output(self, tokenizer: Tokenizer) -> str:
-        return self.text if self.text is not None else tokenizer.decode(self.ids)
+        if self.text is not None:
+            return self.text
+        if self._decoded[0] != len(self.ids):  # ids only grow
+            self._decoded = (len(self.ids), tokenizer.decode(self.ids))
+        return self._decoded[1]
 
     def delta(self, tokenizer: Tokenizer) -> str:
         """The text that can be shown since the last call: a multi-byte character split across tokens,
@@ -231,8 +236,10 @@ class Engine:
             seq.prompt_top.append(self._top(row, seq.params.logprobs))
 
     def _top(self, logprobs: torch.Tensor, k: int) -> dict[str, float]:
-        top = logprobs.topk(k) if k else None
-        return {} if top is None else {self.tokenizer.decode([t]): v for v, t in zip(top.values.tolist(), top.indices.tolist())}
+        if not k:
+            return {}
+        top = logprobs.topk(k)
+        return {self.tokenizer.decode([t]): v for v, t in zip(top.values.tolist(), top.indices.tolist())}
 
     def _accept(self, seq: Request, logits: torch.Tensor) -> None:
         """Choose the sequence's next token from its logits [vocab] and decide whether it goes on."""
@@ -246,7 +253,7 @@ class Engine:
                 seq._seen[0, seq.prompt] = True
             penalized = penalize(penalized, params, seq._counts, seq._seen)
         token = int(choose(penalized, params, [seq.generator])[0])
-        if token in params.stop_token_ids or (token == self.tokenizer.eod_id and not params.ignore_eos):
+        if token in params.stop_ids(self.tokenizer.eod_id):
             self._release(seq, "stop")
             return
         seq.ids.append(token)
@@ -259,10 +266,8 @@ class Engine:
             if params.logprobs:
                 seq.top.append(self._top(raw, params.logprobs))
         if params.stop:
-            text = self.tokenizer.decode(seq.ids)
-            hits = [text.find(s) for s in params.stop if s in text]
-            if hits:
-                seq.text = text[: min(hits)]
+            seq.text = params.cut(seq.output(self.tokenizer))
+            if seq.text is not None:
                 self._release(seq, "stop")
                 return
         if len(seq.ids) >= params.max_new_tokens or len(seq.prompt) + len(seq.ids) >= self.max_len:

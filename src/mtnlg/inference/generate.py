@@ -64,7 +64,7 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
     hypothesis scored by log-probability / length ** length_penalty. Returns the best `n`."""
     device = next(model.parameters()).device
     beams, vocab = params.num_beams, model.cfg.vocab_size
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {tokenizer.eod_id})
+    stop_ids = params.stop_ids(tokenizer.eod_id)
     steps = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
     cache = KVCache(model.cfg, beams, len(prompt) + max(steps, 1), device, next(model.parameters()).dtype)
     logits = _next_logits(model, torch.tensor([prompt] * beams, device=device), cache)
@@ -93,10 +93,8 @@ def _beam_search(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: Sa
     best = sorted(done, key=lambda d: d[0], reverse=True)[: params.n]
     seqs = [Request(prompt, params, torch.Generator(), ids=ids, finish=finish) for _, ids, finish in best]
     for seq in seqs if params.stop else ():
-        text = tokenizer.decode(seq.ids)
-        hits = [text.find(s) for s in params.stop if s in text]
-        if hits:
-            seq.text, seq.finish = text[: min(hits)], "stop"
+        seq.text = params.cut(tokenizer.decode(seq.ids))
+        seq.finish = "stop" if seq.text is not None else seq.finish
     return seqs
 
 

@@ -53,6 +53,15 @@ class Sampling:
             raise MtnlgError(f"invalid sampling settings: need {', '.join(broken)}")
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def stop_ids(self, eod_id: int) -> set[int]:
+        """Tokens that end a sequence (not part of its text)."""
+        return set(self.stop_token_ids) | (set() if self.ignore_eos else {eod_id})
+
+    def cut(self, text: str) -> str | None:
+        """`text` up to the first stop string in it, or None when it holds none."""
+        hits = [text.find(s) for s in self.stop if s in text]
+        return text[: min(hits)] if hits else None
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """Set to -inf every logit outside the top-k, outside the smallest set whose probability reaches

@@ -33,7 +33,7 @@ from mtnlg.inference.engine import Engine, Request
 from mtnlg.inference.sampling import Sampling, seeded_generators
 from mtnlg.serve.metrics import Metrics
 from mtnlg.serve.protocol import (
-    APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Prompt, SamplingFields, TokenizeRequest,
+    APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Prompt, TokenizeRequest,
 )
 from mtnlg.serve.runner import EngineRunner, Listener, QueueFull
 from mtnlg.tokenizer import DEFAULT_CHAT_STOP
@@ -178,7 +178,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
             raise APIError(400, "max_tokens is 0 without echo: nothing would come back; raise it or set echo", "max_tokens")
         for tokens in prompts:
             server.check_length(tokens, max_tokens, "max_tokens")
-        seqs = server.requests(prompts, _sampling(body, max_tokens, body.logprobs, body.echo))
+        seqs = server.requests(prompts, body.sampling(max_tokens, body.logprobs, body.echo))
         listener = server.submit(seqs)
         reply = _Reply("cmpl", settings.name, server, seqs, body, prompts)
         if body.stream:
@@ -198,7 +198,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
         server.check_length(prompt, max_tokens, field)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         stop = DEFAULT_CHAT_STOP if tokenizer.chat_template is None else ()
-        seqs = server.requests([prompt], _sampling(body, max_tokens, logprobs, stop=stop))
+        seqs = server.requests([prompt], body.sampling(max_tokens, logprobs, stop=stop))
         listener = server.submit(seqs)
         reply = _Reply("chatcmpl", settings.name, server, seqs, body, [prompt])
         if body.stream:
@@ -292,14 +292,6 @@ def _limited(receive: Callable, limit: int) -> Callable:
         return message
 
     return receive_limited
-
-
-def _sampling(body: SamplingFields, max_tokens: int, logprobs: int | None, echo: bool = False,
-              stop: tuple[str, ...] = ()) -> Sampling:
-    try:
-        return body.sampling(max_tokens, logprobs, echo, stop)
-    except MtnlgError as e:
-        raise APIError(400, str(e)) from None
 
 
 async def _wait(listener: Listener, seqs: list[Request], server: Server, request: HTTPRequest) -> bool:
