@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mtnlg.errors import MtnlgError
+from mtnlg.eval.scoring import TOKEN_BUDGET
 from mtnlg.inference.generate import BATCH_SIZE
 
 
@@ -84,7 +85,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 f"{world_size()} processes were started but --tp is 1; pass --tp {world_size()} to split the model "
                 "over them, or run one process"
             )
+        if tp != world_size():
+            raise _tp_mismatch(tp)
         _generate(args, tp)
+
+
+def _tp_mismatch(tp: int) -> MtnlgError:
+    from mtnlg.parallel.launch import world_size
+
+    running = world_size()
+    return MtnlgError(f"tp {tp} splits the model over {tp} processes, but {running} {'is' if running == 1 else 'are'} "
+                      f"running; launch them with torchrun --nproc-per-node {tp}")
 
 
 def _generate(args: argparse.Namespace, tp: int) -> None:
@@ -255,6 +266,73 @@ def _sampling(args: argparse.Namespace) -> dict:
     return params
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Tasks and perplexity on a checkpoint; under torchrun, documents split over tp-sized replicas."""
+    import time
+
+    import mtnlg
+    from mtnlg.eval.harness import Options, evaluate
+    from mtnlg.eval.results import format_table, results_json, write_results
+    from mtnlg.eval.scoring import ModelScorer
+    from mtnlg.eval.tasks import load_task, perplexity_task
+    from mtnlg.parallel.launch import world_size
+
+    specs = [spec for arg in args.tasks for spec in arg.split(",") if spec]
+    if not specs and not args.perplexity:
+        raise MtnlgError("nothing to evaluate; pass --tasks FILE (or NAME=FILE) and/or --perplexity PATH")
+    if args.log_samples and not args.output:
+        raise MtnlgError("--log-samples writes beside the results: pass --output DIR or FILE.json too")
+    tp, world = args.tp or 1, world_size()
+    if world % tp:
+        raise _tp_mismatch(tp)
+    tasks = [load_task(spec) for spec in specs] + [perplexity_task(path) for path in args.perplexity]
+    names = [t.name for t in tasks]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise MtnlgError(f"two tasks are named {twice!r} (a task is named after its file); rename one of the files")
+    options = Options(num_fewshot=args.num_fewshot, seed=args.fewshot_seed, limit=args.limit, truncate=args.truncate,
+                      stride=args.stride, max_gen_tokens=args.max_gen_tokens, progress=_is_rank_0())
+    start = time.perf_counter()
+    lm = mtnlg.load(args.checkpoint, args.device, tp=tp, dtype=args.dtype)
+    if world > 1 and tp == 1:  # replicas of a whole model talk only to gather the answers
+        _join_group(next(lm.model.parameters()).device)
+    rank = int(os.environ.get("RANK", "0"))
+    results = evaluate(ModelScorer(lm.model, lm.tokenizer, args.batch_tokens), lm.tokenizer, tasks, options,
+                       ranks=(rank // tp, world // tp))
+    if not _is_rank_0():
+        return
+    print(format_table(results))
+    if args.output:
+        config = {"dtype": args.dtype, "device": str(next(lm.model.parameters()).device), "tp": tp,
+                  "replicas": world // tp, "batch_tokens": args.batch_tokens, "truncate": args.truncate, "stride": args.stride}
+        summary = results_json(results, args.checkpoint, options, config, time.perf_counter() - start)
+        print(f"wrote {write_results(Path(args.output), summary, results, args.log_samples)}")
+
+
+def _join_group(device) -> None:
+    from mtnlg.config import ParallelConfig
+    from mtnlg.parallel.launch import init_distributed, world_size
+
+    init_distributed(ParallelConfig(dp_shard=world_size()), device)
+
+
+def cmd_lm_eval(argv: list[str]) -> int:
+    """lm-evaluation-harness's own command line, with the `mtnlg` model registered (lm-eval 0.4 finds no
+    models outside its source tree)."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise MtnlgError("lm-eval is not installed; pip install 'lm-eval[api]'") from None
+    import mtnlg.eval.lm_eval_backend  # noqa: F401  registers --model mtnlg
+
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from mtnlg.config import ModelConfig
     from mtnlg.model.flops import TRAINING_BYTES_PER_PARAM, human, model_size
@@ -384,6 +462,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights for inference (as for generate)")
     p.set_defaults(handler=cmd_serve)
 
+    p = verbs.add_parser("eval", help="perplexity and zero/few-shot tasks from local files (lm-eval's formats and numbers)")
+    p.add_argument("checkpoint", help="a run directory, checkpoint directory or imported model")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                   help="a .jsonl task file in mtnlg's schema, or NAME=FILE for a benchmark's own file (lambada, hellaswag, "
+                   "piqa, winogrande, boolq, arc_easy, arc_challenge, race); FILE@EXAMPLES draws few-shot examples "
+                   "from EXAMPLES (docs/evaluation.md)")
+    p.add_argument("--perplexity", action="append", default=[], metavar="PATH",
+                   help="loss, perplexity and bits per byte of a token shard prefix, .txt/.jsonl file or folder (repeatable)")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--fewshot-seed", type=int, default=1234, help="seed of the few-shot draws (each document its own)")
+    p.add_argument("--limit", type=int, help="only the first N documents of each task")
+    p.add_argument("--stride", type=int, help="perplexity windows advance by this many tokens (default: the model's "
+                   "context, disjoint windows as lm-eval); smaller gives each token more context and costs more")
+    p.add_argument("--truncate", action="store_true", help="drop context from the left when a request is too long")
+    p.add_argument("--max-gen-tokens", type=int, default=256, help="for generate_until tasks")
+    p.add_argument("--batch-tokens", type=int, default=TOKEN_BUDGET,
+                   help="positions per forward (rows x longest row, default %(default)s): more takes more memory")
+    p.add_argument("--output", help="write results (lm-eval's JSON layout) to FILE.json, or DIR/results.json")
+    p.add_argument("--log-samples", action="store_true", help="also write each document's prompts, answers and "
+                   "metrics to samples_TASK.jsonl beside the results")
+    p.add_argument("--tp", type=int, help="split the model over N processes (torchrun); more processes than N "
+                   "split the documents over replicas")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="weights (default fp32, the numbers lm-eval's hf backend gives; auto and bf16 are faster on CPUs "
+                   "with bf16 instructions)")
+    p.set_defaults(handler=cmd_eval)
+
+    verbs.add_parser("lm-eval", help="lm-evaluation-harness's command line with --model mtnlg available "
+                     "(mtnlg lm-eval run --model mtnlg --model_args path=RUN --tasks ...)", add_help=False)
+
     p = verbs.add_parser("info", help="parameters, FLOPs per token and training memory of a model")
     p.add_argument("--model", required=True, help="a preset name (gpt2, mt-nlg-530b, ...) or a checkpoint")
     p.add_argument("--seq-len", type=int, default=0, help="sequence length for attention FLOPs")
@@ -427,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # every argument is lm-eval's
+        try:
+            return cmd_lm_eval(argv[1:])
+        except MtnlgError as e:
+            print(f"mtnlg lm-eval: error: {e}", file=sys.stderr)
+            return 1
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.verb not in ("train", "demo"):

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, zero- and few-shot tasks from local files, and an lm-evaluation-harness backend."""

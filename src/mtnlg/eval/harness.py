@@ -1,0 +1,209 @@
+"""Run tasks on a model: build each document's requests (lm-eval's prompts and boundary rule), score all of
+them in one batched pass, and turn the answers into per-document and aggregate metrics.
+
+Under torchrun with data parallelism each data-parallel rank scores every `ranks[1]`-th document and the
+answers are gathered, so every process ends with the numbers one process would have computed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from mtnlg.errors import MtnlgError
+from mtnlg.eval.scoring import Pair, Scorer, encode_pair, fits, rolling_windows
+from mtnlg.eval.tasks import Task
+from mtnlg.tokenizer import Tokenizer
+
+# How each metric of a task type is aggregated over documents; "mean" ones get a standard error.
+METRICS = {
+    "multiple_choice": {"acc": "mean", "acc_norm": "mean"},
+    "loglikelihood": {"acc": "mean", "perplexity": "perplexity"},
+    "loglikelihood_rolling": {"loss": "loss", "perplexity": "token_perplexity", "word_perplexity": "word_perplexity",
+                              "byte_perplexity": "byte_perplexity", "bits_per_byte": "bits_per_byte"},
+    "generate_until": {"exact_match": "mean", "f1": "mean"},
+}
+HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True}
+
+
+@dataclass
+class Options:
+    num_fewshot: int = 0
+    seed: int = 1234  # of the few-shot draws
+    limit: int | None = None  # the first N documents of each task
+    truncate: bool = False  # drop context from the left when a request is longer than the model's context
+    stride: int | None = None  # of rolling windows; None: the model's context (disjoint windows, as lm-eval)
+    max_gen_tokens: int = 256
+    progress: bool = True
+
+
+@dataclass
+class TaskResult:
+    task: Task
+    metrics: dict[str, float]  # aggregate value of each metric, with "<metric>_stderr" for means
+    samples: list[dict]  # per document: its prompts, requests, answers and metrics
+    num_fewshot: int
+
+
+def evaluate(scorer: Scorer, tokenizer: Tokenizer, tasks: Sequence[Task], options: Options = Options(),
+             ranks: tuple[int, int] = (0, 1)) -> list[TaskResult]:
+    """Score `tasks`; this process reads documents rank, rank + count, ... of `ranks` = (rank, count)."""
+    rank, count = ranks
+    plans = []  # (task, document index, prompts, requests) of this rank's documents
+    for task in tasks:
+        shots = 0 if task.kind == "loglikelihood_rolling" else options.num_fewshot
+        for index in range(rank, _size(task, options), count):
+            prompts = [] if task.kind == "loglikelihood_rolling" else task.prompts(index, shots, options.seed)
+            requests = _requests(task, index, prompts, tokenizer, scorer.max_len, options)
+            plans.append((task, index, prompts, requests))
+    pairs = [pair for *_, requests in plans if requests is not None for pair in requests]
+    generations = [(prompts[0], task.docs[index]["until"]) for task, index, prompts, requests in plans if requests is None]
+    bar = tqdm(total=len(pairs) + len(generations), desc="eval", unit=" requests", file=sys.stderr,
+               disable=not options.progress or None, dynamic_ncols=True)
+    scored = iter(scorer.loglikelihoods(pairs, progress=bar.update))
+    generated = iter(_generate(scorer, generations, options, bar))
+    bar.close()
+    answers = {}
+    for task, index, prompts, requests in plans:
+        answer = next(generated) if requests is None else [next(scored) for _ in requests]
+        answers[(task.name, index)] = {"arguments": prompts, "resps": answer}
+    if count > 1:
+        answers = _gathered(answers)
+    return [_result(task, answers, options, tokenizer) for task in tasks]
+
+
+def _size(task: Task, options: Options) -> int:
+    return min(len(task.docs), options.limit) if options.limit else len(task.docs)
+
+
+def _requests(task: Task, index: int, prompts: list[str], tokenizer: Tokenizer, max_len: int,
+              options: Options) -> list[Pair] | None:
+    """The (context, continuation) token pairs of one document; None for a generation."""
+    doc = task.docs[index]
+    if task.kind == "generate_until":
+        if len(tokenizer.encode(prompts[0])) >= max_len and not options.truncate:
+            raise _too_long(task, index, len(tokenizer.encode(prompts[0])), max_len)
+        return None
+    if task.kind == "loglikelihood_rolling":
+        ids = doc["ids"] if "ids" in doc else tokenizer.encode(doc["text"])
+        return list(rolling_windows(ids, tokenizer.eod_id, max_len, options.stride))
+    if "contexts" in doc:  # partial scoring: the same continuation after each choice
+        pairs = [encode_pair(tokenizer, p, task.target_delimiter + doc["continuation"]) for p in prompts]
+    elif task.kind == "multiple_choice":
+        pairs = [encode_pair(tokenizer, prompts[0], task.target_delimiter + c) for c in doc["choices"]]
+    else:
+        pairs = [encode_pair(tokenizer, prompts[0], doc["continuation"])]
+    for context, continuation in pairs:
+        if not continuation:
+            raise MtnlgError(f"{_where(task, index)}: a continuation or choice is empty; give every one some text")
+        if not fits((context, continuation), max_len) and (not options.truncate or len(continuation) > max_len):
+            raise _too_long(task, index, len(context) + len(continuation) - 1, max_len)
+    return pairs
+
+
+def _where(task: Task, index: int) -> str:
+    return f"{task.path}:{task.lines[index]}" if task.lines else f"{task.path} document {index}"
+
+
+def _too_long(task: Task, index: int, tokens: int, max_len: int) -> MtnlgError:
+    return MtnlgError(
+        f"{_where(task, index)}: the request is {tokens} tokens but the model's context is {max_len}; shorten it, "
+        "use fewer few-shot examples, or pass --truncate to drop context from the left (as lm-eval does)"
+    )
+
+
+def _generate(scorer: Scorer, requests: list[tuple[str, list[str]]], options: Options, bar) -> list[str]:
+    """Greedy continuations, cut before the first stop string (what lm-eval's generate_until does)."""
+    texts = [""] * len(requests)
+    for until in dict.fromkeys(tuple(u) for _, u in requests):  # one batched call per set of stop strings
+        members = [i for i, (_, u) in enumerate(requests) if tuple(u) == until]
+        outputs = scorer.generate([requests[i][0] for i in members], list(until), options.max_gen_tokens, options.truncate)
+        for i, text in zip(members, outputs):
+            texts[i] = text
+        bar.update(len(members))
+    return texts
+
+
+def _gathered(answers: dict) -> dict:
+    import torch.distributed as dist
+
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, answers)
+    return {k: v for part in everyone for k, v in part.items()}
+
+
+def _normalized_answer(text: str) -> list[str]:
+    """SQuAD's normalization for token F1: lower case, no punctuation or articles."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def _f1(prediction: str, answer: str) -> float:
+    ours, theirs = _normalized_answer(prediction), _normalized_answer(answer)
+    common = sum((Counter(ours) & Counter(theirs)).values())
+    if not ours or not theirs:
+        return float(ours == theirs)
+    return 0.0 if common == 0 else 2 * common / (len(ours) + len(theirs))
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equals, as numpy's
+
+
+def _doc_metrics(task: Task, doc: dict, answer, tokenizer: Tokenizer) -> dict:
+    if task.kind == "multiple_choice":
+        lls = [ll for ll, _ in answer]
+        metrics = {"acc": float(_argmax(lls) == doc["gold"])}
+        if "choices" in doc:  # lm-eval normalizes by the choice's length in characters
+            metrics["acc_norm"] = float(_argmax([ll / len(c) for ll, c in zip(lls, doc["choices"])]) == doc["gold"])
+        return metrics
+    if task.kind == "loglikelihood":
+        return {"acc": float(answer[0][1]), "perplexity": answer[0][0]}
+    if task.kind == "generate_until":
+        return {"exact_match": float(any(answer.strip() == a.strip() for a in doc["answers"])),
+                "f1": max(_f1(answer, a) for a in doc["answers"])}
+    text = doc["text"] if "text" in doc else tokenizer.decode(doc["ids"])
+    tokens = len(doc["ids"]) if "ids" in doc else len(tokenizer.encode(text))
+    return {"loglikelihood": sum(ll for ll, _ in answer), "tokens": tokens,
+            "words": len(re.split(r"\s+", text)), "bytes": len(text.encode())}
+
+
+def _aggregate(kind: str, samples: list[dict]) -> dict[str, float]:
+    def total(key: str) -> float:
+        return sum(s[key] for s in samples)
+
+    out: dict[str, float] = {}
+    for metric, how in METRICS[kind].items():
+        if how == "mean":
+            if metric not in samples[0]:
+                continue
+            values = [s[metric] for s in samples]
+            mean = sum(values) / len(values)
+            out[metric] = mean
+            n = len(values)
+            out[f"{metric}_stderr"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+        elif how == "perplexity":
+            out[metric] = math.exp(-total(metric) / len(samples))
+        else:
+            ll = total("loglikelihood")
+            per = {"loss": "tokens", "token_perplexity": "tokens", "word_perplexity": "words"}.get(how, "bytes")
+            nats = -ll / total(per)
+            out[metric] = nats if how == "loss" else nats / math.log(2) if how == "bits_per_byte" else math.exp(nats)
+    return out
+
+
+def _result(task: Task, answers: dict, options: Options, tokenizer: Tokenizer) -> TaskResult:
+    samples = []
+    for index, doc in enumerate(task.docs[: _size(task, options)]):
+        answer = answers[(task.name, index)]
+        samples.append({"doc_id": index, "doc": {k: v for k, v in doc.items() if k != "ids"}, **answer,
+                        **_doc_metrics(task, doc, answer["resps"], tokenizer)})
+    shots = 0 if task.kind == "loglikelihood_rolling" else options.num_fewshot
+    return TaskResult(task, _aggregate(task.kind, samples), samples, shots)

@@ -1,0 +1,323 @@
+"""`mtnlg eval` against lm-evaluation-harness itself: the same local task files through lm-eval's `hf` backend,
+through `mtnlg eval`, through lm-eval with the `mtnlg` backend, and through lm-eval's `local-completions`
+against a live `mtnlg serve` give the same per-sample log-likelihoods and accuracies."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+lm_eval = pytest.importorskip("lm_eval")
+
+import mtnlg
+from mtnlg.cli import main
+from mtnlg.eval.harness import Options, evaluate
+from mtnlg.eval.scoring import ModelScorer, RowScorer, encode_pair, rolling_windows, token_scores
+from mtnlg.eval.tasks import load_task
+from mtnlg.interop.hf import import_hf
+from mtnlg.tokenizer import Tokenizer
+from served import Served
+
+transformers.logging.set_verbosity_error()
+
+WORDS = "the a model learns to predict next token from text data with attention over layers and heads".split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    rng = random.Random(0)
+    return Tokenizer.train([sentence(rng, 30) for _ in range(200)], 300)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tokenizer) -> Path:
+    """A random-weight GPT-2 saved by transformers, with our tokenizer beside it."""
+    path = tmp_path_factory.mktemp("hf-gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_dir, tmp_path_factory) -> Path:
+    return import_hf(hf_dir, tmp_path_factory.mktemp("ckpt") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> dict[str, Path]:
+    """A multiple-choice task (choices of different lengths, some contexts ending in a space), a LAMBADA file and
+    documents longer than the model's 64-token context, in the formats mtnlg reads."""
+    rng = random.Random(1)
+    out = tmp_path_factory.mktemp("tasks")
+    mc = [{"context": sentence(rng, 8) + (" " if i % 3 == 0 else ""), "choices": [sentence(rng, rng.randint(1, 6)) for _ in range(4)],
+           "gold": rng.randrange(4)} for i in range(12)]
+    lambada = [{"text": sentence(rng, rng.randint(6, 14))} for _ in range(10)]
+    rolling = [{"text": sentence(rng, rng.randint(40, 160))} for _ in range(4)]
+    files = {"mc": mc, "lambada": lambada, "rolling": rolling}
+    for name, rows in files.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {name: out / f"{name}.jsonl" for name in files}
+
+
+LM_EVAL_TASKS = {
+    "mc": "output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: gold\n"
+          "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+    "lambada": "output_type: loglikelihood\ndoc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+               "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\nmetric_list:\n  - metric: perplexity\n"
+               "    aggregation: perplexity\n    higher_is_better: false\n  - metric: acc\n",
+    "rolling": "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: text\nmetric_list:\n"
+               "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
+}
+
+
+def write_task_yamls(task_files: dict[str, Path], directory: Path) -> Path:
+    """The three task files declared as lm-eval tasks local_mc, local_lambada, local_rolling over local JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, body in LM_EVAL_TASKS.items():
+        data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task_files[name]}\ntest_split: test\n"
+        (directory / f"{name}.yaml").write_text(f"task: local_{name}\n{data}{body}")
+    return directory
+
+
+def run_lm_eval(model: str, model_args: str, task_files: dict[str, Path], tmp_path: Path) -> dict:
+    """lm-eval's own evaluation of the three task files."""
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(write_task_yamls(task_files, tmp_path)))
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[f"local_{n}" for n in LM_EVAL_TASKS],
+                                   task_manager=tasks, log_samples=True, batch_size=4)
+
+
+def task_specs(task_files: dict[str, Path]) -> list[str]:
+    return [str(task_files["mc"]), f"lambada={task_files['lambada']}"]
+
+
+def mtnlg_eval(checkpoint: Path, task_files: dict[str, Path], out: Path, *flags: str) -> dict:
+    """`mtnlg eval` as a user runs it; returns the results JSON with each task's samples under "samples"."""
+    assert main(["eval", str(checkpoint), "--tasks", *task_specs(task_files), "--perplexity", str(task_files["rolling"]),
+                 "--output", str(out), "--log-samples", *flags]) == 0
+    results = json.loads((out / "results.json").read_text())
+    results["samples"] = {name: [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text().splitlines()]
+                          for name in results["results"]}
+    return results
+
+
+def assert_same_as_lm_eval(ours: dict, theirs: dict, names: dict[str, str]) -> None:
+    """Per-sample log-likelihoods within 1e-5 (or 2 fp32 steps of a sum beyond 100 nats, which lm-eval adds up in
+    fp32: a 700-nat document's last bit is 6e-5), identical per-sample acc/acc_norm, the same aggregates."""
+    for local, name in names.items():
+        their_samples = sorted(theirs["samples"][f"local_{local}"], key=lambda s: s["doc_id"])
+        my_samples = ours["samples"][name]
+        assert len(their_samples) == len(my_samples) > 0
+        for their, my in zip(their_samples, my_samples):
+            their_lls = [r[0] if isinstance(r, (list, tuple)) else r for r in their["filtered_resps"]]
+            my_lls = [my["loglikelihood"]] if local == "rolling" else [ll for ll, _ in my["resps"]]
+            assert my_lls == pytest.approx(their_lls, abs=1e-5, rel=1e-7), (local, their["doc_id"])
+            for metric in ("acc", "acc_norm"):
+                if metric in their:
+                    assert my[metric] == their[metric], (local, metric, their["doc_id"])
+        for key, value in theirs["results"][f"local_{local}"].items():
+            if "," in key and key in ours["results"][name] and "stderr" not in key:
+                assert ours["results"][name][key] == pytest.approx(value, rel=1e-5), (local, key)
+
+
+NAMES = {"mc": "mc", "lambada": "lambada", "rolling": "rolling"}
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint, task_files, tmp_path_factory) -> dict:
+    return mtnlg_eval(checkpoint, task_files, tmp_path_factory.mktemp("ours"))
+
+
+@pytest.fixture(scope="module")
+def hf_results(hf_dir, task_files, tmp_path_factory) -> dict:
+    """lm-eval's own numbers: its hf backend on the random GPT-2 that `checkpoint` was imported from."""
+    return run_lm_eval("hf", f"pretrained={hf_dir},dtype=float32,device=cpu", task_files, tmp_path_factory.mktemp("hf"))
+
+
+@pytest.mark.slow
+def test_mtnlg_eval_equals_lm_eval_hf_backend(ours, hf_results):
+    assert_same_as_lm_eval(ours, hf_results, NAMES)
+    assert max(s["tokens"] for s in ours["samples"]["rolling"]) > 64  # the windows really roll
+    assert set(ours["results"]["mc"]) == {"alias", "acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"}
+    assert ours["n-shot"] == {"mc": 0, "lambada": 0, "rolling": 0}
+    assert ours["reference"]["lambada"] == {"model": "MT-NLG 530B (zero-shot)", "metric": "acc", "value": 0.766}
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_with_the_mtnlg_backend_equals_hf_backend(checkpoint, hf_results, task_files, tmp_path):
+    """lm-eval's own command line and task code driving mtnlg's scorer (`mtnlg lm-eval run --model mtnlg`) give
+    lm-eval's hf numbers."""
+    tasks, out = write_task_yamls(task_files, tmp_path / "tasks"), tmp_path / "out"
+    assert main(["lm-eval", "run", "--model", "mtnlg", "--model_args", f"path={checkpoint}", "--tasks",
+                 *[f"local_{n}" for n in NAMES], "--include_path", str(tasks), "--output_path", str(out),
+                 "--log_samples", "--batch_size", "4"]) == 0
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    view = {"results": {k: results["results"][f"local_{k}"] for k in NAMES}, "samples": {}}
+    for k in NAMES:  # lm-eval's samples file (numbers written as strings), in the shape of mtnlg's
+        lines = next(out.rglob(f"samples_local_{k}_*.jsonl")).read_text().splitlines()
+        for s in sorted(map(json.loads, lines), key=lambda s: s["doc_id"]):
+            resps = [[float(r[0]), r[1]] if isinstance(r, list) else float(r) for r in s["filtered_resps"]]
+            view["samples"].setdefault(k, []).append({**s, "resps": resps, "loglikelihood": resps[0]})
+    assert_same_as_lm_eval(view, hf_results, {k: k for k in NAMES})
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_against_mtnlg_serve_gives_the_same_numbers(ours, checkpoint, task_files, tmp_path):
+    """lm-eval scoring over HTTP (echo + logprobs, the remote /tokenize and /tokenizer_info) agrees with in-process.
+
+    lm-eval's API client keeps room for one generated token beyond each prompt and rolls its perplexity windows
+    one token shorter still (62 tokens for max_length=64, where its hf backend rolls 64): those documents are
+    compared with mtnlg's scores of the same 62-token windows."""
+    served = Served(checkpoint, name="gpt2-tiny")
+    try:
+        args = (f"model=gpt2-tiny,base_url={served.url}/v1/completions,tokenizer_backend=remote,max_length=64,"
+                "num_concurrent=1,max_retries=1,tokenized_requests=True")
+        theirs = run_lm_eval("local-completions", args, task_files, tmp_path)
+    finally:
+        log = served.stop()
+    assert "Traceback" not in log, log
+    assert_same_as_lm_eval(ours, theirs, {"mc": "mc", "lambada": "lambada"})
+    lm = mtnlg.load(checkpoint, "cpu", dtype="fp32")
+    scorer, eod = ModelScorer(lm.model, lm.tokenizer), lm.tokenizer.eod_id
+    texts = [json.loads(line)["text"] for line in task_files["rolling"].read_text().splitlines()]
+    in_process = [sum(ll for ll, _ in scorer.loglikelihoods(list(rolling_windows(lm.tokenizer.encode(t), eod, 62))))
+                  for t in texts]
+    served_lls = [s["filtered_resps"][0] for s in sorted(theirs["samples"]["local_rolling"], key=lambda s: s["doc_id"])]
+    assert served_lls == pytest.approx(in_process, abs=1e-5, rel=1e-7)
+
+
+def test_boundary_rule_is_lm_eval_encode_pair(tokenizer):
+    """A context's trailing spaces move to the continuation, and the continuation is the tail of the whole
+    string's tokens: here encoding the parts separately gives other ids, and lm-eval's own rule gives ours."""
+    from lm_eval.api.model import TemplateLM
+
+    class Peer(TemplateLM):  # lm-eval's _encode_pair over our tokenizer; nothing else is used
+        eot_token_id = tokenizer.eod_id
+        tok_encode = staticmethod(tokenizer.encode)
+        loglikelihood_rolling = generate_until = _loglikelihood_tokens = None
+
+    context, continuation = "the model ", "learns"
+    separate = (tokenizer.encode(context), tokenizer.encode(continuation))
+    ours = encode_pair(tokenizer, context, continuation)
+    assert ours != separate
+    assert ours == (tokenizer.encode("the model"), tokenizer.encode(" learns"))
+    for pair in [(context, continuation), ("the model", " learns"), ("text data  ", " with"), ("a", "ttention")]:
+        assert encode_pair(tokenizer, *pair) == Peer()._encode_pair(*pair), pair
+    assert encode_pair(tokenizer, "", "the model") == ([tokenizer.eod_id], tokenizer.encode("the model"))
+
+
+class Recorder:
+    """A scorer that answers nothing: the harness's prompts and requests are what is looked at."""
+
+    max_len = 1024
+
+    def loglikelihoods(self, requests, progress=None):
+        return [(0.0, False)] * len(requests)
+
+
+def test_few_shot_prompts_are_deterministic(tmp_path, tokenizer):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"context": f"Question {i}:", "choices": [f"yes {i}", f"no {i}"], "gold": i % 2} for i in range(20)]
+    path.write_text(json.dumps({"config": {"description": "Answer.\n\n"}}) + "\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(str(path))
+    prompts = [task.prompts(i, 3, seed=7) for i in range(20)]
+    assert prompts == [load_task(str(path)).prompts(i, 3, seed=7) for i in range(20)]  # same seed, same prompts
+    assert prompts != [task.prompts(i, 3, seed=8) for i in range(20)]
+    # lm-eval's layout: description, then each example's text, target delimiter and gold answer, then the question
+    description, *examples, question = prompts[5][0].split("\n\n")
+    assert description == "Answer." and question == "Question 5:" and len(examples) == 3
+    for example in examples:
+        i = int(example.split()[1][:-1])
+        assert i != 5 and example == f"Question {i}: {rows[i]['choices'][rows[i]['gold']]}"
+    # what the harness scores, whichever documents run with it
+    for limit in (None, 4):
+        samples = evaluate(Recorder(), tokenizer, [task], Options(num_fewshot=3, seed=7, limit=limit, progress=False))[0].samples
+        assert [s["arguments"] for s in samples] == prompts[: limit or 20]
+
+
+def same_numbers(a: dict, b: dict) -> None:
+    """Two `mtnlg eval` results: per-sample log-likelihoods within 1e-5 and the same accuracies."""
+    assert a["results"].keys() == b["results"].keys()
+    for name, samples in a["samples"].items():
+        for x, y in zip(samples, b["samples"][name], strict=True):
+            lls = [x["loglikelihood"]] if "loglikelihood" in x else [ll for ll, _ in x["resps"]]
+            other = [y["loglikelihood"]] if "loglikelihood" in y else [ll for ll, _ in y["resps"]]
+            assert lls == pytest.approx(other, abs=1e-5, rel=1e-7), (name, x["doc_id"])
+            assert {k: x[k] for k in ("acc", "acc_norm") if k in x} == {k: y[k] for k in ("acc", "acc_norm") if k in y}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_two_processes_give_the_numbers_of_one(ours, checkpoint, task_files, tmp_path, tp):
+    """Under torchrun the model is split (tp 2) or the documents are (two replicas): the same results."""
+    out = tmp_path / "out"
+    specs = task_specs(task_files)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mtnlg", "eval",
+         str(checkpoint), "--tasks", *specs, "--perplexity", str(task_files["rolling"]), "--tp", str(tp),
+         "--output", str(out), "--log-samples"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("MT-NLG 530B") == 1  # one table, from rank 0
+    theirs = json.loads((out / "results.json").read_text())
+    assert theirs["config"]["tp"] == tp and theirs["config"]["replicas"] == 2 // tp
+    theirs["samples"] = {name: [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text().splitlines()]
+                         for name in theirs["results"]}
+    same_numbers(ours, theirs)
+
+
+def test_row_scorer_equals_model_scorer(checkpoint, task_files, tokenizer):
+    """The fixed-shape scorer that training's layouts run gives the numbers of the KV-reusing one."""
+    lm = mtnlg.load(checkpoint, "cpu", dtype="fp32")
+    tasks = [load_task(spec) for spec in task_specs(task_files)]
+    fast = evaluate(ModelScorer(lm.model, lm.tokenizer), lm.tokenizer, tasks, Options(progress=False))
+    rows = RowScorer(lambda x, y: token_scores(lm.model(x), y), lm.model.cfg.max_seq_len, rows=5, device=torch.device("cpu"))
+    plain = evaluate(rows, lm.tokenizer, tasks, Options(progress=False))
+    for a, b in zip(fast, plain):
+        assert [ll for s in a.samples for ll, _ in s["resps"]] == pytest.approx([ll for s in b.samples for ll, _ in s["resps"]], abs=1e-5)
+        assert a.metrics == pytest.approx(b.metrics, rel=1e-5)
+
+
+def test_mistakes_are_one_line_each(checkpoint, tmp_path, capsys):
+    def error(*args: str) -> str:
+        assert main(["eval", str(checkpoint), *args]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    assert "nope.jsonl: no such task file" in error("--tasks", str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "gold": 0}\n{"context": "a", "choices": ["b"], "gold": 3\n')
+    assert f"{bad}:2: " in error("--tasks", str(bad))
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "gold": 0}\n{"context": "a", "choices": ["b"], "gold": 3}\n')
+    assert f"{bad}:2: needs \"gold\": the index of the right choice, 0 to 0" in error("--tasks", str(bad))
+    assert "unknown task 'squad'" in error("--tasks", f"squad={bad}")
+    assert "unknown task 'hellaswagg'" in error("--tasks", "hellaswagg")
+    assert "task hellaswag needs its data file (mtnlg downloads nothing): pass hellaswag=FILE" in error("--tasks", "hellaswag")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"context": " ".join(["the model"] * 80), "choices": ["a", "b"], "gold": 0}) + "\n")
+    message = error("--tasks", str(long))
+    assert f"{long}:1: the request is" in message and "the model's context is 64" in message and "--truncate" in message
+    assert main(["eval", str(checkpoint), "--tasks", str(long), "--truncate"]) == 0
+    assert "nothing to evaluate" in error()
