@@ -102,7 +102,7 @@ def run_lm_eval(model: str, model_args: str, task_files: dict[str, Path], tmp_pa
     """lm-eval's own evaluation of the three task files."""
     from lm_eval.tasks import TaskManager
 
-    tasks = TaskManager(include_path=str(write_task_yamls(task_files, tmp_path)))
+    tasks = TaskManager(include_path=str(write_task_yamls(task_files, tmp_path)), include_defaults=False)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[f"local_{n}" for n in LM_EVAL_TASKS],
                                    task_manager=tasks, log_samples=True, batch_size=4)
 
@@ -321,3 +321,63 @@ def test_mistakes_are_one_line_each(checkpoint, tmp_path, capsys):
     assert f"{long}:1: the request is" in message and "the model's context is 64" in message and "--truncate" in message
     assert main(["eval", str(checkpoint), "--tasks", str(long), "--truncate"]) == 0
     assert "nothing to evaluate" in error()
+
+
+def benchmark_files(directory: Path) -> dict[str, list[dict]]:
+    """Two tiny records of each benchmark, in the fields of the dataset lm-eval reads it from."""
+    race_problems = [{"answer": "B", "options": ["a cat", "a dog", "a bird", "a fish"], "question": "Tom has  _  ."},
+                     {"answer": "A", "options": ["yes", "no", "maybe", "never"], "question": "Is Tom happy?"},
+                     {"answer": "C", "options": ["red", "blue", "green", "black"], "question": "Which colour is it?"}]
+    return {
+        "lambada": [{"text": "He opened the door and saw the garden"}, {"text": "She said it was late"}],
+        "hellaswag": [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "then he",
+                       "ctx": "", "endings": ["fries them [title] well.", "sings.", "leaves  now.", "sleeps."],
+                       "source_id": "x", "split": "val", "split_type": "indomain", "label": str(i)} for i in (1, 3)],
+        "piqa": [{"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Hit it.", "label": 0},
+                 {"goal": "Dry hair", "sol1": "Use water.", "sol2": "Use a towel.", "label": 1}],
+        "winogrande": [{"sentence": "The trophy did not fit the case because the _ was too big.", "option1": "trophy",
+                        "option2": "case", "answer": "1"},
+                       {"sentence": "Anna helped Maria because _ was kind.", "option1": "Anna", "option2": "Maria",
+                        "answer": "1"}],
+        "boolq": [{"question": "is the sky blue", "passage": "The sky is blue.", "idx": 0, "label": 1},
+                  {"question": "is fire cold", "passage": "Fire is hot.", "idx": 1, "label": 0}],
+        "arc_easy": [{"id": "1", "question": "What melts ice?", "choices": {"text": ["heat", "cold", "dark"],
+                      "label": ["A", "B", "C"]}, "answerKey": "A"},
+                     {"id": "2", "question": "What do plants need?", "choices": {"text": ["rocks", "light", "salt", "oil"],
+                      "label": ["1", "2", "3", "4"]}, "answerKey": "2"}],
+        "race": [{"article": "Tom has a dog. It is green.", "problems": repr(race_problems), "example_id": "a"},
+                 {"article": "Sam runs.", "problems": repr(race_problems[1:2]), "example_id": "b"}],
+    }
+
+
+LM_EVAL_YAMLS = {"lambada": "lambada/lambada_openai.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+                 "piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml", "boolq": "super_glue/boolq/default.yaml",
+                 "arc_easy": "arc/arc_easy.yaml", "race": "race/race.yaml"}
+
+
+def test_benchmark_readers_give_lm_eval_requests(tmp_path):
+    """Each benchmark's file read by mtnlg gives the (context, continuation) texts that lm-eval's own task
+    definition (its shipped YAML, pointed at the same local file) builds."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    shipped, yamls = Path(lm_eval.__file__).parent / "tasks", tmp_path / "yamls"
+    yamls.mkdir()
+    files = benchmark_files(tmp_path)
+    for name, records in files.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        splits = "\n".join(f"    {split}: {data}" for split in ("train", "validation", "test"))
+        (yamls / f"{name}.yaml").write_text(f"include: {shipped / LM_EVAL_YAMLS[name]}\ntask: local_{name}\n"
+                                            f"dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n{splits}\n")
+    tasks = get_task_dict([f"local_{name}" for name in files], TaskManager(include_path=str(yamls), include_defaults=False))
+    for name, records in files.items():
+        task = tasks[f"local_{name}"]
+        task.build_all_requests(rank=0, world_size=1, limit=None)
+        theirs: dict[int, list] = {}
+        for instance in task.instances:
+            theirs.setdefault(instance.doc_id, []).append(tuple(instance.arguments))
+        ours = load_task(f"{name}={tmp_path / name}.jsonl")
+        assert [ours.pairs(i, ours.prompts(i, 0, 0)) for i in range(len(records))] == [theirs[i] for i in range(len(records))], name
+        if name != "lambada":  # the right answer's index (WinoGrande's choices are contexts: lm-eval's doc_to_text)
+            gold = task.doc_to_text if name == "winogrande" else task.doc_to_target
+            assert [d["gold"] for d in ours.docs] == [gold(d) for d in task.eval_docs], name

@@ -94,12 +94,7 @@ def _requests(task: Task, index: int, prompts: list[str], tokenizer: Tokenizer, 
     if task.kind == "loglikelihood_rolling":
         ids = doc["ids"] if "ids" in doc else tokenizer.encode(doc["text"])
         return list(rolling_windows(ids, tokenizer.eod_id, max_len, options.stride))
-    if "contexts" in doc:  # partial scoring: the same continuation after each choice
-        pairs = [encode_pair(tokenizer, p, task.target_delimiter + doc["continuation"]) for p in prompts]
-    elif task.kind == "multiple_choice":
-        pairs = [encode_pair(tokenizer, prompts[0], task.target_delimiter + c) for c in doc["choices"]]
-    else:
-        pairs = [encode_pair(tokenizer, prompts[0], doc["continuation"])]
+    pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in task.pairs(index, prompts)]
     for context, continuation in pairs:
         if not continuation:
             raise MtnlgError(f"{_where(task, index)}: a continuation or choice is empty; give every one some text")

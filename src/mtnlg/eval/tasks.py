@@ -14,6 +14,7 @@ The prompt conventions (description, few-shot examples, delimiters) are lm-eval'
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 import re
@@ -68,6 +69,15 @@ class Task:
             prefix += "".join(self.text(e) + self.target_delimiter + self.target(e) + self.fewshot_delimiter for e in examples)
         return [prefix + c for c in doc["contexts"]] if "contexts" in doc else [prefix + doc.get("context", "")]
 
+    def pairs(self, index: int, prompts: list[str]) -> list[tuple[str, str]]:
+        """The (context, continuation) texts to score for document `index`, given its `prompts`: each choice
+        after the prompt, or (partial scoring) the continuation after each choice's prompt, or the continuation."""
+        doc = self.docs[index]
+        if "contexts" in doc:
+            return [(p, self.target_delimiter + doc["continuation"]) for p in prompts]
+        endings = doc["choices"] if self.kind == "multiple_choice" else [doc["continuation"]]
+        return [(prompts[0], self.target_delimiter + e) for e in endings]
+
 
 # Readers for the files the standard benchmarks are distributed as (the JSON lines of their Hugging Face
 # datasets): each turns one record into a normalized document, with lm-eval's prompt for that task.
@@ -108,8 +118,16 @@ def _arc(r: dict) -> dict:
 
 
 def _race(r: dict) -> dict:
-    return {"context": f"Article: {r['article']}\n\nQuestion: {r['question']}\nAnswer:", "choices": r["options"],
-            "gold": "ABCD".index(r["answer"])}
+    """EleutherAI/race (an article and its "problems", the last one asked with the others answered before it),
+    or one question per line as in the original RACE ("article", "question", "options", "answer")."""
+    problems = ast.literal_eval(r["problems"]) if "problems" in r else [r]
+    text = f"Article: {r['article']}\n\n"
+    for p in problems[:-1]:
+        answer = p["options"]["ABCD".index(p["answer"])]
+        fill_in = p["question"].endswith("  _  .")
+        text += p["question"][:-5] + answer + "\n" if fill_in else f"Question: {p['question']}\nAnswer: {answer}\n"
+    last = problems[-1]
+    return {"context": text + last["question"], "choices": last["options"], "gold": "ABCD".index(last["answer"])}
 
 
 READERS: dict[str, tuple[str, Callable[[dict], dict]]] = {
@@ -179,7 +197,7 @@ def _read_jsonl(path: Path, parse: Callable[[dict, int], dict]) -> tuple[list[di
                     continue
                 docs.append(parse(record, number))
                 lines.append(number)
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError, SyntaxError) as e:
                 reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
                 raise MtnlgError(f"{path}:{number}: {reason}; fix the line") from None
     if not docs:
