@@ -82,3 +82,17 @@ def tiny_config(tiny_data, tmp_path):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> list[str]:
+    """Two `mtnlg eval` task files over the synthetic corpus's words: multiple choice (choices of 1, 3, 5 and 7
+    words, so their scores are far apart) and documents to score whole (rolling windows)."""
+    rng = random.Random(3)
+    out = tmp_path_factory.mktemp("tasks")
+    mc = [{"context": " ".join(rng.choice(WORDS) for _ in range(6)).capitalize(),
+           "choices": [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (1, 3, 5, 7)], "gold": i % 4}
+          for i in range(10)]
+    (out / "choices.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (out / "documents.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents(3, seed=5)))
+    return [str(out / "choices.jsonl"), str(out / "documents.jsonl")]

@@ -124,3 +124,24 @@ def test_fsdp_mixed_precision_trains_like_autocast(tiny_config, tmp_path):
     assert max(abs(got[s] - want[s]) for s in want) < 1e-2 and got[4] < got[1]
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_00000004" / "model.safetensors"
     assert {t.dtype for t in safetensors.torch.load_file(checkpoint).values()} == {torch.float32}
+
+
+def task_scores(run_dir) -> dict[str, float]:
+    return {k: v for r in read_metrics(run_dir) for k, v in r.items() if "/" in k}
+
+
+@pytest.mark.slow
+def test_eval_tasks_give_the_same_numbers_under_every_layout(tiny_config, tiny_tasks, tmp_path):
+    """The [eval] tasks scored in place on the model as each layout holds it (tensor + sequence parallel,
+    1F1B pipeline stages, FSDP shards whose ranks split the documents) equal one process's."""
+    scored = ("--train.max_steps=2", "--train.eval_interval=2", f"--eval.tasks={','.join(tiny_tasks)}",
+              "--parallel.microbatches=2")
+    train(tiny_config, *scored, out_dir=tmp_path / "one")
+    want = task_scores(tmp_path / "one")
+    assert {"choices/acc", "choices/acc_norm", "documents/perplexity"} <= set(want)
+    for layout in ("--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=2"):
+        run = tmp_path / layout.split(".")[1].split("=")[0]
+        train(tiny_config, *scored, layout, out_dir=run, world=2)
+        got = task_scores(run)
+        assert got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want), (layout, got, want)

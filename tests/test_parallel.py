@@ -35,7 +35,7 @@ def test_parallel_config_defaults_and_sections(tmp_path):
     cfg = load_config(path, ["--parallel.dp_shard", "2", "--parallel.pp_schedule=gpipe"])
     assert (cfg.parallel.tp, cfg.parallel.dp_shard, cfg.parallel.sequence_parallel) == (2, 2, False)
     assert cfg.parallel.pp_schedule == "gpipe" and cfg.parallel.world_size == 4
-    with pytest.raises(MtnlgError, match=r"sections are \[model\], \[train\] and \[parallel\]"):
+    with pytest.raises(MtnlgError, match=r"sections are \[model\], \[train\], \[parallel\] and \[eval\]"):
         Config.from_dict({"paralel": {}})
     with pytest.raises(MtnlgError, match="did you mean parallel.dp_shard"):
         load_config(None, ["--parallel.dp_shards", "2"])

@@ -190,3 +190,34 @@ def test_a_run_starts_by_removing_leftovers_of_a_killed_save(tiny_config, tmp_pa
     (checkpoints / "latest.tmp").write_text("step_00000003\n")
     trainer = Trainer(tiny_config(), resume="auto")
     assert trainer.resumed_from is None and list(checkpoints.iterdir()) == []
+
+
+def test_eval_tasks_during_training_equal_mtnlg_eval_of_the_checkpoint(tiny_config, tiny_tasks, tmp_path, capsys):
+    """[eval] tasks are scored every eval_interval, logged beside the validation loss, with the numbers that
+    `mtnlg eval` gives for the checkpoint of that step."""
+    import json
+
+    from mtnlg.cli import main
+
+    cfg = tiny_config("--train.max_steps=4", "--train.eval_interval=2", "--train.save_interval=2",
+                      f"--eval.tasks={','.join(tiny_tasks)}", "--eval.limit=6")
+    Trainer(cfg).fit()
+    records = [r for r in read_metrics(cfg.train.out_dir) if "choices/acc" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"choices/acc_norm", "documents/loss", "documents/bits_per_byte"} <= set(records[-1])
+    assert not any(k.endswith("_stderr") for k in records[-1])
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(checkpoint), "--tasks", *tiny_tasks, "--limit", "6", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    for key, value in records[-1].items():
+        if "/" in key:
+            task, metric = key.split("/")
+            assert value == pytest.approx(results[task][f"{metric},none"], rel=1e-5), key
+
+
+def test_generation_tasks_are_refused_before_training(tiny_config, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"context": "Q: 1 + 1?", "answers": ["2"]}\n')
+    with pytest.raises(MtnlgError, match="eval.tasks: qa generates text, which training does not run"):
+        Trainer(tiny_config(f"--eval.tasks={qa}"))

@@ -229,17 +229,34 @@ class ParallelConfig:
             )
 
 
-SECTIONS = ("model", "train", "parallel")
-_SECTIONS_TEXT = "sections are [model], [train] and [parallel]"
+@dataclass
+class EvalConfig:
+    """Tasks run during training every train.eval_interval steps, beside the validation loss (`mtnlg eval`'s
+    task files: FILE in mtnlg's schema or NAME=FILE for a benchmark; generate_until tasks run only there)."""
+
+    tasks: list[str] = field(default_factory=list)
+    num_fewshot: int = 0
+    fewshot_seed: int = 1234
+    limit: int = 0  # the first N documents of each task; 0: all
+
+    def __post_init__(self) -> None:
+        for name in ("num_fewshot", "limit"):
+            if getattr(self, name) < 0:
+                raise MtnlgError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+
+
+SECTIONS = ("model", "train", "parallel", "eval")
+_SECTIONS_TEXT = "sections are [model], [train], [parallel] and [eval]"
 
 
 @dataclass
 class Config:
-    """A whole run: `[model]` (with an optional `preset`), `[train]` and `[parallel]` sections."""
+    """A whole run: `[model]` (with an optional `preset`), `[train]`, `[parallel]` and `[eval]` sections."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,6 +280,7 @@ class Config:
             model=ModelConfig(**model_values),
             train=TrainConfig(**_typed(TrainConfig, "train", data.get("train", {}))),
             parallel=ParallelConfig(**_typed(ParallelConfig, "parallel", data.get("parallel", {}))),
+            eval=EvalConfig(**_typed(EvalConfig, "eval", data.get("eval", {}))),
         )
 
 
@@ -293,6 +311,11 @@ def _coerce(name: str, value: Any, type_name: str) -> Any:
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if type_name == "float":
             return float(value)
+        if type_name == "list[str]":  # a TOML list, or comma-separated on the command line
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise ValueError
+            return [v.strip() for v in items if v.strip()]
         return str(value)
     except (TypeError, ValueError):
         raise MtnlgError(f"{name} must be {type_name}, got {value!r}") from None

@@ -155,6 +155,21 @@ class Pipeline:
             )
         return self._mean_loss(losses, inputs.device)
 
+    @torch.no_grad()
+    def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each position's log p(target) and whether the target is the argmax (what task evaluation reads),
+        forward only: computed on the last stage, sent to every pipeline rank."""
+        from mtnlg.eval.scoring import token_scores
+
+        with self._loss_scope():
+            logits = self.schedule.eval(inputs, target=targets, losses=[], positions=self._positions(inputs))
+        scores = torch.zeros(2, *targets.shape, device=inputs.device)  # log-probabilities, and greedy as 0/1
+        if self.is_last:
+            logprobs, greedy = token_scores(logits, targets)
+            scores = torch.stack((logprobs, greedy.float()))
+        dist.broadcast(scores, group=self.pp_group, group_src=self.dims.pp - 1)
+        return scores[0], scores[1].bool()
+
     def _positions(self, inputs: torch.Tensor) -> torch.Tensor:
         """Positions for every stage, one row per sample so that the schedule splits them with the batch."""
         n = self.dims.cfg.microbatches

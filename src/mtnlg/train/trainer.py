@@ -17,6 +17,9 @@ from tqdm import tqdm
 from mtnlg.config import Config
 from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
+from mtnlg.eval.harness import Options, evaluate
+from mtnlg.eval.scoring import RowScorer, token_scores
+from mtnlg.eval.tasks import Task, load_task
 from mtnlg.hardware import keep_freed_memory
 from mtnlg.model.flops import model_size, peak_flops
 from mtnlg.model.gpt import GPT
@@ -83,6 +86,7 @@ class Trainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                 f"{config.model.vocab_size}; set --model.vocab_size {_round_up(self.tokenizer.vocab_size, 128)}"
             )
+        self.eval_tasks = _load_eval_tasks(config)
         self.train_data = build_dataset(tc.data, "train", seq_len, tc.seed)
         self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
 
@@ -180,13 +184,17 @@ class Trainer:
                     metrics.log(self.step, **record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{record['mfu']:.0%}")
-                if self.val_data is not None and tc.eval_interval and (
-                    self.step % tc.eval_interval == 0 or self.step == tc.max_steps
-                ):
-                    val_loss = self.evaluate()
-                    if metrics:
-                        metrics.log(self.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-                        bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                if tc.eval_interval and (self.step % tc.eval_interval == 0 or self.step == tc.max_steps):
+                    if self.val_data is not None:
+                        val_loss = self.evaluate()
+                        if metrics:
+                            metrics.log(self.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                            bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                    if self.eval_tasks:
+                        scores = self.evaluate_tasks()
+                        if metrics:
+                            metrics.log(self.step, **scores)
+                            bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 stopping = self._stopping()
                 if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.max_steps or stopping:
                     checkpoint = self.save()
@@ -257,6 +265,28 @@ class Trainer:
             total += whole(parallel_loss(logits, targets)) / tc.eval_batches
         return self._mean_over_ranks(total)
 
+    @torch.no_grad()
+    def evaluate_tasks(self) -> dict[str, float]:
+        """The `[eval]` tasks on the model as this run lays it out: each data-parallel rank scores its share of
+        the documents in [rows, seq_len] batches of the validation step's size, and all get the whole result.
+        Keys are "task/metric" (standard errors left out)."""
+        ec = self.config.eval
+        per_rank = self.config.train.micro_batch_size * (self.dims.cfg.microbatches if self.pipeline else 1)
+        for module, _ in self.parts:
+            module.eval()
+        scorer = RowScorer(self._token_scores, self.config.model.max_seq_len, per_rank, self.device)
+        options = Options(num_fewshot=ec.num_fewshot, seed=ec.fewshot_seed, limit=ec.limit or None, progress=False)
+        ranks = (self.dims.dp_rank(self.dist.rank), self.dims.dp_size)
+        results = evaluate(scorer, self.tokenizer, self.eval_tasks, options, ranks)
+        return {f"{r.task.name}/{m}": v for r in results for m, v in r.metrics.items() if not m.endswith("_stderr")}
+
+    def _token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pipeline is not None:
+            return self.pipeline.token_scores(inputs, targets)
+        with self.autocast:
+            logits = self.forward(inputs)
+        return token_scores(logits, targets)
+
     def _my_slice(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.dims.batch_slice(inputs.size(0), self.dist.rank)
         return inputs[rows].to(self.device, non_blocking=True), targets[rows].to(self.device, non_blocking=True)
@@ -294,6 +324,16 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_signal = signal.Signals(signum).name  # finish the step, save, then stop
+
+
+def _load_eval_tasks(config: Config) -> list[Task]:
+    """The `[eval]` tasks, read (and their mistakes reported) before the first step."""
+    tasks = [load_task(spec) for spec in config.eval.tasks]
+    for task in tasks:
+        if task.kind == "generate_until":
+            raise MtnlgError(f"eval.tasks: {task.name} generates text, which training does not run; score it on a "
+                             "checkpoint with mtnlg eval, or drop it from [eval] tasks")
+    return tasks
 
 
 def pick_device(name: str) -> torch.device:
