@@ -72,7 +72,9 @@ def task_files(tmp_path_factory) -> dict[str, Path]:
            "gold": rng.randrange(4)} for i in range(12)]
     lambada = [{"text": sentence(rng, rng.randint(6, 14))} for _ in range(10)]
     rolling = [{"text": sentence(rng, rng.randint(40, 160))} for _ in range(4)]
-    files = {"mc": mc, "lambada": lambada, "rolling": rolling}
+    qa = [{"context": f"Question: {sentence(rng, 5)}?\nAnswer:", "answers": [sentence(rng, 2)], "until": ["\n\n"]}
+          for _ in range(5)]
+    files = {"mc": mc, "lambada": lambada, "rolling": rolling, "qa": qa}
     for name, rows in files.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {name: out / f"{name}.jsonl" for name in files}
@@ -86,6 +88,9 @@ LM_EVAL_TASKS = {
                "    aggregation: perplexity\n    higher_is_better: false\n  - metric: acc\n",
     "rolling": "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: text\nmetric_list:\n"
                "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
+    "qa": "output_type: generate_until\ndoc_to_text: context\ndoc_to_target: \"{{answers[0]}}\"\n"
+          "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 16\n  do_sample: false\nmetric_list:\n"
+          "  - metric: exact_match\n",
 }
 
 
@@ -113,8 +118,8 @@ def task_specs(task_files: dict[str, Path]) -> list[str]:
 
 def mtnlg_eval(checkpoint: Path, task_files: dict[str, Path], out: Path, *flags: str) -> dict:
     """`mtnlg eval` as a user runs it; returns the results JSON with each task's samples under "samples"."""
-    assert main(["eval", str(checkpoint), "--tasks", *task_specs(task_files), "--perplexity", str(task_files["rolling"]),
-                 "--output", str(out), "--log-samples", *flags]) == 0
+    assert main(["eval", str(checkpoint), "--tasks", *task_specs(task_files), str(task_files["qa"]), "--perplexity",
+                 str(task_files["rolling"]), "--max-gen-tokens", "16", "--output", str(out), "--log-samples", *flags]) == 0
     results = json.loads((out / "results.json").read_text())
     results["samples"] = {name: [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text().splitlines()]
                           for name in results["results"]}
@@ -157,9 +162,13 @@ def hf_results(hf_dir, task_files, tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_mtnlg_eval_equals_lm_eval_hf_backend(ours, hf_results):
     assert_same_as_lm_eval(ours, hf_results, NAMES)
+    # generate_until: greedy continuations cut at the stop string, the same text as transformers' generate
+    theirs = sorted(hf_results["samples"]["local_qa"], key=lambda s: s["doc_id"])
+    assert [s["resps"] for s in ours["samples"]["qa"]] == [s["filtered_resps"][0] for s in theirs]
+    assert all(s["resps"] for s in ours["samples"]["qa"])
     assert max(s["tokens"] for s in ours["samples"]["rolling"]) > 64  # the windows really roll
     assert set(ours["results"]["mc"]) == {"alias", "acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"}
-    assert ours["n-shot"] == {"mc": 0, "lambada": 0, "rolling": 0}
+    assert ours["n-shot"] == {"mc": 0, "lambada": 0, "qa": 0, "rolling": 0}
     assert ours["reference"]["lambada"] == {"model": "MT-NLG 530B (zero-shot)", "metric": "acc", "value": 0.766}
 
 
@@ -204,6 +213,8 @@ def test_lm_eval_local_completions_against_mtnlg_serve_gives_the_same_numbers(ou
                   for t in texts]
     served_lls = [s["filtered_resps"][0] for s in sorted(theirs["samples"]["local_rolling"], key=lambda s: s["doc_id"])]
     assert served_lls == pytest.approx(in_process, abs=1e-5, rel=1e-7)
+    served_texts = [s["filtered_resps"][0] for s in sorted(theirs["samples"]["local_qa"], key=lambda s: s["doc_id"])]
+    assert served_texts == [s["resps"] for s in ours["samples"]["qa"]]
 
 
 def test_boundary_rule_is_lm_eval_encode_pair(tokenizer):
@@ -260,6 +271,9 @@ def same_numbers(a: dict, b: dict) -> None:
     assert a["results"].keys() == b["results"].keys()
     for name, samples in a["samples"].items():
         for x, y in zip(samples, b["samples"][name], strict=True):
+            if isinstance(x["resps"], str):  # a generation
+                assert x["resps"] == y["resps"], (name, x["doc_id"])
+                continue
             lls = [x["loglikelihood"]] if "loglikelihood" in x else [ll for ll, _ in x["resps"]]
             other = [y["loglikelihood"]] if "loglikelihood" in y else [ll for ll, _ in y["resps"]]
             assert lls == pytest.approx(other, abs=1e-5, rel=1e-7), (name, x["doc_id"])
@@ -274,8 +288,8 @@ def test_two_processes_give_the_numbers_of_one(ours, checkpoint, task_files, tmp
     specs = task_specs(task_files)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mtnlg", "eval",
-         str(checkpoint), "--tasks", *specs, "--perplexity", str(task_files["rolling"]), "--tp", str(tp),
-         "--output", str(out), "--log-samples"],
+         str(checkpoint), "--tasks", *specs, str(task_files["qa"]), "--perplexity", str(task_files["rolling"]),
+         "--max-gen-tokens", "16", "--tp", str(tp), "--output", str(out), "--log-samples"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr

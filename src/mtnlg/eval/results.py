@@ -58,7 +58,9 @@ def write_results(path: Path, results: dict[str, Any], task_results: Sequence[Ta
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
-    """Task, shots, metric, value ± standard error, and MT-NLG 530B's score where the paper gives one."""
+    """Task, shots, metric, value ± standard error, and MT-NLG 530B's score where the paper gives one (the
+    column only when a task has one)."""
+    with_reference = any(r.task.reference for r in results)
     rows = [("task", "n-shot", "metric", "value", "± stderr", "MT-NLG 530B")]
     for r in results:
         first = True
@@ -70,6 +72,7 @@ def format_table(results: Sequence[TaskResult]) -> str:
             rows.append((r.task.name if first else "", str(r.num_fewshot) if first else "", metric, f"{value:.4f}",
                          f"± {stderr:.4f}" if stderr is not None and math.isfinite(stderr) else "", reference))
             first = False
+    rows = [row if with_reference else row[:-1] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {1, 3, 5}
     lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
