@@ -335,6 +335,10 @@ def test_mistakes_are_one_line_each(checkpoint, tmp_path, capsys):
     assert f"{long}:1: the request is" in message and "the model's context is 64" in message and "--truncate" in message
     assert main(["eval", str(checkpoint), "--tasks", str(long), "--truncate"]) == 0
     assert "nothing to evaluate" in error()
+    assert "--limit, --stride out of range" in error("--tasks", str(long), "--limit", "0", "--stride", "-1")
+    (tmp_path / "doc.txt").write_text("the model learns " * 30)
+    assert "stride 65 must be 1 to the model's context, 64" in error("--perplexity", str(tmp_path / "doc.txt"), "--stride", "65")
+    assert "--log-samples writes beside the results" in error("--tasks", str(long), "--log-samples")
 
 
 def benchmark_files(directory: Path) -> dict[str, list[dict]]:
@@ -395,3 +399,23 @@ def test_benchmark_readers_give_lm_eval_requests(tmp_path):
         if name != "lambada":  # the right answer's index (WinoGrande's choices are contexts: lm-eval's doc_to_text)
             gold = task.doc_to_text if name == "winogrande" else task.doc_to_target
             assert [d["gold"] for d in ours.docs] == [gold(d) for d in task.eval_docs], name
+
+
+def test_perplexity_of_a_shard_equals_that_of_its_text(tiny_data, tmp_path):
+    """A token shard's documents are scored as their text would be (the end-of-document token `prepare`
+    appended is the prefix, not a scored token), so bits per byte count the text's bytes."""
+    from mtnlg.config import ModelConfig
+    from mtnlg.eval.tasks import perplexity_task
+    from mtnlg.model.gpt import GPT
+
+    tokenizer = Tokenizer.load(tiny_data.parent)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("tiny")).eval()
+    shard = perplexity_task(f"{tiny_data}_val")
+    texts = tmp_path / "val.jsonl"
+    texts.write_text("".join(json.dumps({"text": tokenizer.decode(d["ids"])}) + "\n" for d in shard.docs))
+    a, b = evaluate(ModelScorer(model, tokenizer), tokenizer, [shard, perplexity_task(str(texts))], Options(progress=False))
+    assert a.task.name == "corpus_val" and len(a.samples) == len(b.samples) > 1
+    assert a.metrics == pytest.approx(b.metrics, rel=1e-6)
+    assert [s["bytes"] for s in a.samples] == [len(s["doc"]["text"].encode()) for s in b.samples]
+    assert all(tokenizer.eod_id not in d["ids"] for d in shard.docs)

@@ -282,6 +282,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise MtnlgError("nothing to evaluate; pass --tasks FILE (or NAME=FILE) and/or --perplexity PATH")
     if args.log_samples and not args.output:
         raise MtnlgError("--log-samples writes beside the results: pass --output DIR or FILE.json too")
+    limits = {"--num-fewshot": args.num_fewshot >= 0, "--limit": args.limit is None or args.limit > 0,
+              "--stride": args.stride is None or args.stride > 0, "--max-gen-tokens": args.max_gen_tokens > 0,
+              "--batch-tokens": args.batch_tokens > 0, "--tp": args.tp is None or args.tp > 0}
+    if not all(limits.values()):
+        raise MtnlgError(f"{', '.join(k for k, ok in limits.items() if not ok)} out of range: --num-fewshot takes 0 "
+                         "or more, the others 1 or more")
     tp, world = args.tp or 1, world_size()
     if world % tp:
         raise _tp_mismatch(tp)

@@ -22,14 +22,18 @@ from mtnlg.eval.scoring import Pair, Scorer, encode_pair, fits, rolling_windows
 from mtnlg.eval.tasks import Task
 from mtnlg.tokenizer import Tokenizer
 
-# How each metric of a task type is aggregated over documents; "mean" ones get a standard error.
+# How each metric of a task type is aggregated over documents (lm-eval's names); "mean" ones get a standard
+# error. Rolling metrics are weighted: the whole task's nats over its tokens, words or bytes (ROLLING_UNIT).
 METRICS = {
     "multiple_choice": {"acc": "mean", "acc_norm": "mean"},
     "loglikelihood": {"acc": "mean", "perplexity": "perplexity"},
-    "loglikelihood_rolling": {"loss": "loss", "perplexity": "token_perplexity", "word_perplexity": "word_perplexity",
-                              "byte_perplexity": "byte_perplexity", "bits_per_byte": "bits_per_byte"},
+    "loglikelihood_rolling": {"loss": "weighted_mean", "perplexity": "weighted_perplexity",
+                              "word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+                              "bits_per_byte": "bits_per_byte"},
     "generate_until": {"exact_match": "mean", "f1": "mean"},
 }
+ROLLING_UNIT = {"loss": "tokens", "perplexity": "tokens", "word_perplexity": "words", "byte_perplexity": "bytes",
+                "bits_per_byte": "bytes"}
 HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True}
 
 
@@ -56,6 +60,8 @@ def evaluate(scorer: Scorer, tokenizer: Tokenizer, tasks: Sequence[Task], option
              ranks: tuple[int, int] = (0, 1)) -> list[TaskResult]:
     """Score `tasks`; this process reads documents rank, rank + count, ... of `ranks` = (rank, count)."""
     rank, count = ranks
+    if options.stride is not None and not 0 < options.stride <= scorer.max_len:
+        raise MtnlgError(f"stride {options.stride} must be 1 to the model's context, {scorer.max_len}")
     plans = []  # (task, document index, prompts, requests) of this rank's documents
     for task in tasks:
         shots = 0 if task.kind == "loglikelihood_rolling" else options.num_fewshot
@@ -180,17 +186,14 @@ def _aggregate(kind: str, samples: list[dict]) -> dict[str, float]:
             if metric not in samples[0]:
                 continue
             values = [s[metric] for s in samples]
-            mean = sum(values) / len(values)
-            out[metric] = mean
             n = len(values)
+            out[metric] = mean = sum(values) / n
             out[f"{metric}_stderr"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
         elif how == "perplexity":
             out[metric] = math.exp(-total(metric) / len(samples))
         else:
-            ll = total("loglikelihood")
-            per = {"loss": "tokens", "token_perplexity": "tokens", "word_perplexity": "words"}.get(how, "bytes")
-            nats = -ll / total(per)
-            out[metric] = nats if how == "loss" else nats / math.log(2) if how == "bits_per_byte" else math.exp(nats)
+            nats = -total("loglikelihood") / total(ROLLING_UNIT[metric])
+            out[metric] = {"weighted_perplexity": math.exp(nats), "bits_per_byte": nats / math.log(2)}.get(how, nats)
     return out
 
 

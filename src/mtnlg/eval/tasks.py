@@ -194,6 +194,8 @@ def _read_jsonl(path: Path, parse: Callable[[dict, int], dict]) -> tuple[list[di
                     raise ValueError("not a JSON object")
                 if not docs and not config and set(record) == {"config"}:
                     config = record["config"]
+                    if not (isinstance(config, dict) and all(isinstance(v, str) for v in config.values())):
+                        raise ValueError('"config" must map settings to strings')
                     continue
                 docs.append(parse(record, number))
                 lines.append(number)
@@ -243,13 +245,14 @@ def load_task(spec: str) -> Task:
 
 def perplexity_task(path: str) -> Task:
     """A rolling-loglikelihood task over documents: a token shard prefix (as `mtnlg prepare` writes), a .txt
-    file (one document), or a .jsonl file of {"text": ...} lines, or a folder of those files."""
+    file (one document), or a .jsonl file of {"text": ...} lines, or a folder of those files. A shard's
+    documents lose the end-of-document token `prepare` appended: each is scored after one, as text is."""
     from mtnlg.data.indexed import IndexedDataset
     from mtnlg.data.prepare import read_documents
 
     if Path(f"{path}.idx").is_file():
         shard = IndexedDataset(path)
-        docs: list[dict[str, Any]] = [{"ids": shard[i].tolist()} for i in range(len(shard))]
+        docs: list[dict[str, Any]] = [{"ids": shard[i][:-1].tolist()} for i in range(len(shard)) if len(shard[i]) > 1]
     elif Path(path).exists():
         docs = [{"text": t} for t in read_documents(Path(path))]
     else:
