@@ -234,7 +234,10 @@ def test_boundary_rule_is_lm_eval_encode_pair(tokenizer):
     assert ours == (tokenizer.encode("the model"), tokenizer.encode(" learns"))
     for pair in [(context, continuation), ("the model", " learns"), ("text data  ", " with"), ("a", "ttention")]:
         assert encode_pair(tokenizer, *pair) == Peer()._encode_pair(*pair), pair
-    assert encode_pair(tokenizer, "", "the model") == ([tokenizer.eod_id], tokenizer.encode("the model"))
+    # lm-eval scores an empty context after its prefix token: BOS where the tokenizer has one, else EOS
+    assert tokenizer.bos_id == tokenizer.eod_id == Peer().eot_token_id
+    assert encode_pair(tokenizer, "", "the model") == ([tokenizer.bos_id], tokenizer.encode("the model"))
+    assert encode_pair(tokenizer, "  ", "the") == ([tokenizer.bos_id], tokenizer.encode("  the"))
 
 
 class Recorder:
@@ -339,6 +342,27 @@ def test_mistakes_are_one_line_each(checkpoint, tmp_path, capsys):
     (tmp_path / "doc.txt").write_text("the model learns " * 30)
     assert "stride 65 must be 1 to the model's context, 64" in error("--perplexity", str(tmp_path / "doc.txt"), "--stride", "65")
     assert "--log-samples writes beside the results" in error("--tasks", str(long), "--log-samples")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b=1@x").mkdir()  # "=" and "@" in a path are the path's
+    for folder in ("a", "b=1@x"):
+        (tmp_path / folder / "dev.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "gold": 0}\n')
+    assert main(["eval", str(checkpoint), "--tasks", str(tmp_path / "b=1@x" / "dev.jsonl")]) == 0
+    capsys.readouterr()
+    assert "two tasks are named 'dev'" in error("--tasks", str(tmp_path / "a" / "dev.jsonl"), str(tmp_path / "b=1@x" / "dev.jsonl"))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"context": "Question: what?\\nAnswer:", "answer": "yes"}\n')
+    assert "up to 256 may be generated, over the model's context of 64; lower --max-gen-tokens" in error("--tasks", str(qa))
+    assert main(["eval", str(checkpoint), "--tasks", str(qa), "--truncate"]) == 0
+
+
+def test_lm_eval_backend_arguments_are_checked(checkpoint):
+    from mtnlg.errors import MtnlgError
+    from mtnlg.eval.lm_eval_backend import MtnlgLM
+
+    with pytest.raises(MtnlgError, match="--model_args dtpye: unknown; mtnlg takes path, device, dtype and batch_tokens"):
+        MtnlgLM(path=str(checkpoint), dtpye="bf16")
+    with pytest.raises(MtnlgError, match="--model_args needs path=RUN"):
+        MtnlgLM()
 
 
 def benchmark_files(directory: Path) -> dict[str, list[dict]]:
@@ -376,7 +400,7 @@ LM_EVAL_YAMLS = {"lambada": "lambada/lambada_openai.yaml", "hellaswag": "hellasw
 def test_benchmark_readers_give_lm_eval_requests(tmp_path):
     """Each benchmark's file read by mtnlg gives the (context, continuation) texts that lm-eval's own task
     definition (its shipped YAML, pointed at the same local file) builds."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     shipped, yamls = Path(lm_eval.__file__).parent / "tasks", tmp_path / "yamls"
     yamls.mkdir()
@@ -387,7 +411,7 @@ def test_benchmark_readers_give_lm_eval_requests(tmp_path):
         splits = "\n".join(f"    {split}: {data}" for split in ("train", "validation", "test"))
         (yamls / f"{name}.yaml").write_text(f"include: {shipped / LM_EVAL_YAMLS[name]}\ntask: local_{name}\n"
                                             f"dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n{splits}\n")
-    tasks = get_task_dict([f"local_{name}" for name in files], TaskManager(include_path=str(yamls), include_defaults=False))
+    tasks = TaskManager(include_path=str(yamls), include_defaults=False).load([f"local_{name}" for name in files])["tasks"]
     for name, records in files.items():
         task = tasks[f"local_{name}"]
         task.build_all_requests(rank=0, world_size=1, limit=None)

@@ -143,6 +143,7 @@ def test_tokenize_and_detokenize(server, local):
     assert server.post("/detokenize", json={"tokens": body["tokens"]}).json()["prompt"] == "Attention over heads"
     info = httpx.get(server.url + "/tokenizer_info").json()
     assert info["eos_token_id"] == local.tokenizer.eod_id and info["model_max_length"] == 256
+    assert info["bos_token_id"] == local.tokenizer.bos_id  # what lm-eval's remote tokenizer scores documents after
 
 
 def test_errors_answer_in_the_openai_envelope(server):

@@ -216,8 +216,13 @@ def test_eval_tasks_during_training_equal_mtnlg_eval_of_the_checkpoint(tiny_conf
             assert value == pytest.approx(results[task][f"{metric},none"], rel=1e-5), key
 
 
-def test_generation_tasks_are_refused_before_training(tiny_config, tmp_path):
+def test_eval_task_mistakes_are_found_before_training(tiny_config, tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"context": "Q: 1 + 1?", "answers": ["2"]}\n')
     with pytest.raises(MtnlgError, match="eval.tasks: qa generates text, which training does not run"):
         Trainer(tiny_config(f"--eval.tasks={qa}"))
+    qa.write_text('{"context": "' + "the model " * 40 + '", "choices": ["a", "b"], "gold": 0}\n')
+    with pytest.raises(MtnlgError, match="qa.jsonl:1: the request is .* the model's context is 64"):
+        Trainer(tiny_config(f"--eval.tasks={qa}"))  # checked before the first step, not at the first evaluation
+    with pytest.raises(MtnlgError, match="train.eval_interval steps, which is 0"):
+        Trainer(tiny_config(f"--eval.tasks={qa}", "--train.eval_interval=0"))

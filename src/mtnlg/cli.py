@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mtnlg.errors import MtnlgError
+from mtnlg.eval.harness import MAX_GEN_TOKENS
 from mtnlg.eval.scoring import TOKEN_BUDGET
 from mtnlg.inference.generate import BATCH_SIZE
 
@@ -289,19 +290,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise MtnlgError(f"{', '.join(k for k, ok in limits.items() if not ok)} out of range: --num-fewshot takes 0 "
                          "or more, the others 1 or more")
     tp, world = args.tp or 1, world_size()
-    if world % tp:
-        raise _tp_mismatch(tp)
     tasks = [load_task(spec) for spec in specs] + [perplexity_task(path) for path in args.perplexity]
-    names = [t.name for t in tasks]
-    if len(set(names)) < len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise MtnlgError(f"two tasks are named {twice!r} (a task is named after its file); rename one of the files")
     options = Options(num_fewshot=args.num_fewshot, seed=args.fewshot_seed, limit=args.limit, truncate=args.truncate,
                       stride=args.stride, max_gen_tokens=args.max_gen_tokens, progress=_is_rank_0())
     start = time.perf_counter()
-    lm = mtnlg.load(args.checkpoint, args.device, tp=tp, dtype=args.dtype)
-    if world > 1 and tp == 1:  # replicas of a whole model talk only to gather the answers
-        _join_group(next(lm.model.parameters()).device)
+    device = args.device
+    if world > 1 and tp == 1:  # replicas of a whole model, each on its own device, talk only to gather answers
+        device = _join_group(args.device)
+    lm = mtnlg.load(args.checkpoint, device, tp=tp, dtype=args.dtype)  # tp > 1 joins the group itself
     rank = int(os.environ.get("RANK", "0"))
     results = evaluate(ModelScorer(lm.model, lm.tokenizer, args.batch_tokens), lm.tokenizer, tasks, options,
                        ranks=(rank // tp, world // tp))
@@ -315,11 +311,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {write_results(Path(args.output), summary, results, args.log_samples)}")
 
 
-def _join_group(device) -> None:
+def _join_group(device: str | None):
+    """Join torchrun's group as one of its data-parallel ranks; returns this rank's device."""
     from mtnlg.config import ParallelConfig
     from mtnlg.parallel.launch import init_distributed, world_size
+    from mtnlg.train.trainer import pick_device
 
-    init_distributed(ParallelConfig(dp_shard=world_size()), device)
+    return init_distributed(ParallelConfig(dp_shard=world_size()), pick_device(device or "auto")).device
 
 
 def cmd_lm_eval(argv: list[str]) -> int:
@@ -482,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="perplexity windows advance by this many tokens (default: the model's "
                    "context, disjoint windows as lm-eval); smaller gives each token more context and costs more")
     p.add_argument("--truncate", action="store_true", help="drop context from the left when a request is too long")
-    p.add_argument("--max-gen-tokens", type=int, default=256, help="for generate_until tasks")
+    p.add_argument("--max-gen-tokens", type=int, default=MAX_GEN_TOKENS, help="for generate_until tasks")
     p.add_argument("--batch-tokens", type=int, default=TOKEN_BUDGET,
                    help="positions per forward (rows x longest row, default %(default)s): more takes more memory")
     p.add_argument("--output", help="write results (lm-eval's JSON layout) to FILE.json, or DIR/results.json")

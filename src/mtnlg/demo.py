@@ -116,7 +116,7 @@ def evaluate_against_random_init(model: mtnlg.LanguageModel, task_path: Path) ->
     """The trained model's scores beside those of an untrained one of the same shape (its weights as
     training starts them): what training taught, measured."""
     task = load_task(str(task_path))
-    torch.manual_seed(0)
+    torch.manual_seed(model.config.train.seed)  # as the Trainer seeds it
     untrained = GPT(model.config.model).eval()
     for name, net in (("trained", model.model), ("random init", untrained)):
         result = evaluate(ModelScorer(net, model.tokenizer), model.tokenizer, [task], Options(progress=False))

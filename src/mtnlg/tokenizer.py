@@ -116,8 +116,15 @@ class Tokenizer:
 
     @property
     def bos_token(self) -> str | None:
-        """What starts a document for Hugging Face: Llama's `<s>` where the vocabulary has it, else EOD (as in GPT-2)."""
-        return next((t for t in ("<s>", EOD) if self.token_id(t) is not None), None)
+        """What starts a document for Hugging Face: Llama's `<s>` or Llama 3's `<|begin_of_text|>` where the
+        vocabulary has it, else EOD (as in GPT-2)."""
+        return next((t for t in ("<s>", "<|begin_of_text|>", EOD) if self.token_id(t) is not None), None)
+
+    @property
+    def bos_id(self) -> int:
+        """The token a document is scored after (lm-eval's prefix token): bos_token's, else the end of document."""
+        bos = self.bos_token
+        return self.token_id(bos) if bos else self.eod_id
 
     @property
     def eod_id(self) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from mtnlg.errors import MtnlgError
-from mtnlg.eval.scoring import Pair, Scorer, encode_pair, fits, rolling_windows
+from mtnlg.eval.scoring import Pair, Progress, Scorer, encode_pair, fits, rolling_windows
 from mtnlg.eval.tasks import Task
 from mtnlg.tokenizer import Tokenizer
 
@@ -37,6 +37,9 @@ ROLLING_UNIT = {"loss": "tokens", "perplexity": "tokens", "word_perplexity": "wo
 HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True}
 
 
+MAX_GEN_TOKENS = 256  # lm-eval's default for generate_until
+
+
 @dataclass
 class Options:
     num_fewshot: int = 0
@@ -44,7 +47,7 @@ class Options:
     limit: int | None = None  # the first N documents of each task
     truncate: bool = False  # drop context from the left when a request is longer than the model's context
     stride: int | None = None  # of rolling windows; None: the model's context (disjoint windows, as lm-eval)
-    max_gen_tokens: int = 256
+    max_gen_tokens: int = MAX_GEN_TOKENS
     progress: bool = True
 
 
@@ -56,33 +59,60 @@ class TaskResult:
     num_fewshot: int
 
 
+@dataclass
+class Planned:
+    """One document's prompts and what to ask the model: token pairs to score, or (requests None) a generation."""
+
+    task: int  # position in the task list
+    index: int
+    prompts: list[str]
+    requests: list[Pair] | None
+
+
 def evaluate(scorer: Scorer, tokenizer: Tokenizer, tasks: Sequence[Task], options: Options = Options(),
              ranks: tuple[int, int] = (0, 1)) -> list[TaskResult]:
     """Score `tasks`; this process reads documents rank, rank + count, ... of `ranks` = (rank, count)."""
-    rank, count = ranks
-    if options.stride is not None and not 0 < options.stride <= scorer.max_len:
-        raise MtnlgError(f"stride {options.stride} must be 1 to the model's context, {scorer.max_len}")
-    plans = []  # (task, document index, prompts, requests) of this rank's documents
-    for task in tasks:
+    return run(scorer, tokenizer, tasks, plan(tasks, tokenizer, scorer.max_len, options), options, ranks)
+
+
+def plan(tasks: Sequence[Task], tokenizer: Tokenizer, max_len: int, options: Options) -> list[Planned]:
+    """Every document's prompts and requests, checked against the model's context. Every rank plans every
+    document, so a bad one stops all ranks with the same message before any of them scores."""
+    names = [t.name for t in tasks]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise MtnlgError(f"two tasks are named {twice!r} (a task is named after its file); rename one of the files")
+    if options.stride is not None and not 0 < options.stride <= max_len:
+        raise MtnlgError(f"stride {options.stride} must be 1 to the model's context, {max_len}")
+    planned = []
+    for t, task in enumerate(tasks):
         shots = 0 if task.kind == "loglikelihood_rolling" else options.num_fewshot
-        for index in range(rank, _size(task, options), count):
+        for index in range(_size(task, options)):
             prompts = [] if task.kind == "loglikelihood_rolling" else task.prompts(index, shots, options.seed)
-            requests = _requests(task, index, prompts, tokenizer, scorer.max_len, options)
-            plans.append((task, index, prompts, requests))
-    pairs = [pair for *_, requests in plans if requests is not None for pair in requests]
-    generations = [(prompts[0], task.docs[index]["until"]) for task, index, prompts, requests in plans if requests is None]
+            planned.append(Planned(t, index, prompts, _requests(task, index, prompts, tokenizer, max_len, options)))
+    return planned
+
+
+def run(scorer: Scorer, tokenizer: Tokenizer, tasks: Sequence[Task], planned: list[Planned], options: Options,
+        ranks: tuple[int, int] = (0, 1)) -> list[TaskResult]:
+    """Score this rank's share of `planned` in one batched pass, gather every rank's answers, and compute
+    each task's metrics."""
+    rank, count = ranks
+    mine = planned[rank::count]
+    pairs = [pair for p in mine if p.requests is not None for pair in p.requests]
+    generations = [(p.prompts[0], tasks[p.task].docs[p.index]["until"]) for p in mine if p.requests is None]
     bar = tqdm(total=len(pairs) + len(generations), desc="eval", unit=" requests", file=sys.stderr,
                disable=not options.progress or None, dynamic_ncols=True)
     scored = iter(scorer.loglikelihoods(pairs, progress=bar.update))
-    generated = iter(_generate(scorer, generations, options, bar))
+    generated = iter(generate_until(scorer, generations, options.max_gen_tokens, options.truncate, bar.update))
     bar.close()
     answers = {}
-    for task, index, prompts, requests in plans:
-        answer = next(generated) if requests is None else [next(scored) for _ in requests]
-        answers[(task.name, index)] = {"arguments": prompts, "resps": answer}
+    for p in mine:
+        answer = next(generated) if p.requests is None else [next(scored) for _ in p.requests]
+        answers[(p.task, p.index)] = {"arguments": p.prompts, "resps": answer}
     if count > 1:
         answers = _gathered(answers)
-    return [_result(task, answers, options, tokenizer) for task in tasks]
+    return [_result(t, task, answers, options, tokenizer) for t, task in enumerate(tasks)]
 
 
 def _size(task: Task, options: Options) -> int:
@@ -94,12 +124,21 @@ def _requests(task: Task, index: int, prompts: list[str], tokenizer: Tokenizer, 
     """The (context, continuation) token pairs of one document; None for a generation."""
     doc = task.docs[index]
     if task.kind == "generate_until":
-        if len(tokenizer.encode(prompts[0])) >= max_len and not options.truncate:
-            raise _too_long(task, index, len(tokenizer.encode(prompts[0])), max_len)
+        tokens = len(tokenizer.encode(prompts[0]))
+        if tokens + options.max_gen_tokens > max_len and not options.truncate:
+            raise MtnlgError(
+                f"{_where(task, index)}: the prompt is {tokens} tokens and up to {options.max_gen_tokens} may be "
+                f"generated, over the model's context of {max_len}; lower --max-gen-tokens, or pass --truncate to "
+                "drop context from the left (as lm-eval does)"
+            )
         return None
     if task.kind == "loglikelihood_rolling":
         ids = doc["ids"] if "ids" in doc else tokenizer.encode(doc["text"])
-        return list(rolling_windows(ids, tokenizer.eod_id, max_len, options.stride))
+        if not ids:
+            raise MtnlgError(f"{_where(task, index)}: the document is empty; give it some text")
+        return list(rolling_windows(ids, tokenizer.bos_id, max_len, options.stride))
+    if not all(doc.get("choices", [True])):
+        raise MtnlgError(f"{_where(task, index)}: a choice is empty; give every choice some text")
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in task.pairs(index, prompts)]
     for context, continuation in pairs:
         if not continuation:
@@ -120,15 +159,18 @@ def _too_long(task: Task, index: int, tokens: int, max_len: int) -> MtnlgError:
     )
 
 
-def _generate(scorer: Scorer, requests: list[tuple[str, list[str]]], options: Options, bar) -> list[str]:
-    """Greedy continuations, cut before the first stop string (what lm-eval's generate_until does)."""
+def generate_until(scorer: Scorer, requests: Sequence[tuple[str, Sequence[str]]], max_tokens: int, truncate: bool,
+                   progress: Progress | None = None) -> list[str]:
+    """Greedy continuations of (prompt, stop strings), each cut before its first stop string (lm-eval's
+    generate_until); requests with the same stop strings decode together."""
     texts = [""] * len(requests)
-    for until in dict.fromkeys(tuple(u) for _, u in requests):  # one batched call per set of stop strings
+    for until in dict.fromkeys(tuple(u) for _, u in requests):
         members = [i for i, (_, u) in enumerate(requests) if tuple(u) == until]
-        outputs = scorer.generate([requests[i][0] for i in members], list(until), options.max_gen_tokens, options.truncate)
+        outputs = scorer.generate([requests[i][0] for i in members], list(until), max_tokens, truncate)
         for i, text in zip(members, outputs):
             texts[i] = text
-        bar.update(len(members))
+        if progress:
+            progress(len(members))
     return texts
 
 
@@ -197,10 +239,10 @@ def _aggregate(kind: str, samples: list[dict]) -> dict[str, float]:
     return out
 
 
-def _result(task: Task, answers: dict, options: Options, tokenizer: Tokenizer) -> TaskResult:
+def _result(t: int, task: Task, answers: dict, options: Options, tokenizer: Tokenizer) -> TaskResult:
     samples = []
     for index, doc in enumerate(task.docs[: _size(task, options)]):
-        answer = answers[(task.name, index)]
+        answer = answers[(t, index)]
         samples.append({"doc_id": index, "doc": {k: v for k, v in doc.items() if k != "ids"}, **answer,
                         **_doc_metrics(task, doc, answer["resps"], tokenizer)})
     shots = 0 if task.kind == "loglikelihood_rolling" else options.num_fewshot

@@ -13,22 +13,29 @@ from typing import Any
 import lm_eval.models  # noqa: F401  lm-eval's own models, registered first: a registry holding only ours hides them
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+
 import torch
 
 import mtnlg
+from mtnlg.errors import MtnlgError
+from mtnlg.eval.harness import MAX_GEN_TOKENS, generate_until
 from mtnlg.eval.scoring import TOKEN_BUDGET, ModelScorer, encode_pair, rolling_windows
-
-MAX_GEN_TOKENS = 256  # lm-eval's default for generate_until
 
 
 @register_model("mtnlg")
 class MtnlgLM(LM):
     """model_args: path (a run, checkpoint or imported model), device, dtype (fp32 by default, as lm-eval's
-    hf backend computes), batch_tokens (positions per forward)."""
+    hf backend computes), batch_tokens (positions per forward; it sizes batches, so lm-eval's batch_size and
+    max_batch_size are not used)."""
 
-    def __init__(self, path: str, device: str | None = None, dtype: str = "fp32", batch_tokens: int = TOKEN_BUDGET,
-                 **ignored: Any):  # lm-eval also passes batch_size and max_batch_size: the token budget sizes batches
+    def __init__(self, path: str | None = None, device: str | None = None, dtype: str = "fp32",
+                 batch_tokens: int = TOKEN_BUDGET, batch_size: Any = None, max_batch_size: Any = None, **unknown: Any):
         super().__init__()
+        if path is None:
+            raise MtnlgError("--model_args needs path=RUN (a run, checkpoint or imported model)")
+        if unknown:
+            raise MtnlgError(f"--model_args {', '.join(sorted(unknown))}: unknown; mtnlg takes path, device, dtype and "
+                             "batch_tokens")
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             device = None  # lm-eval's command line asks for cuda by default; take the CPU, as its hf backend does
         self.lm = mtnlg.load(path, device, dtype=dtype)
@@ -42,21 +49,19 @@ class MtnlgLM(LM):
 
     def loglikelihood_rolling(self, requests: list) -> list[float]:
         tokenizer, max_len = self.lm.tokenizer, self.scorer.max_len
-        windows = [list(rolling_windows(tokenizer.encode(r.args[0]), tokenizer.eod_id, max_len)) for r in requests]
+        windows = [list(rolling_windows(tokenizer.encode(r.args[0]), tokenizer.bos_id, max_len)) for r in requests]
         answers = iter(self.scorer.loglikelihoods([w for doc in windows for w in doc]))
         return [sum(next(answers)[0] for _ in doc) for doc in windows]
 
     def generate_until(self, requests: list) -> list[str]:
-        """Greedy, as lm-eval's tasks ask; requests with the same stop strings and length decode together."""
-        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        """Greedy, as lm-eval's tasks ask, the context cut to leave room for max_gen_toks (as its hf backend)."""
+        by_length: dict[int, list[int]] = {}
         for i, (_, kwargs) in enumerate(r.args for r in requests):
-            until = kwargs.get("until") or ()
-            key = ((until,) if isinstance(until, str) else tuple(until), int(kwargs.get("max_gen_toks", MAX_GEN_TOKENS)))
-            groups.setdefault(key, []).append(i)
+            by_length.setdefault(int(kwargs.get("max_gen_toks", MAX_GEN_TOKENS)), []).append(i)
         texts = [""] * len(requests)
-        for (until, max_tokens), members in groups.items():
-            prompts = [requests[i].args[0] for i in members]
-            for i, text in zip(members, self.scorer.generate(prompts, list(until), max_tokens, truncate=True)):
+        for max_tokens, members in by_length.items():
+            asked = [(requests[i].args[0], _stops(requests[i].args[1].get("until"))) for i in members]
+            for i, text in zip(members, generate_until(self.scorer, asked, max_tokens, truncate=True)):
                 texts[i] = text
         return texts
 
@@ -66,3 +71,7 @@ class MtnlgLM(LM):
     @property
     def tokenizer_name(self) -> str:
         return self.path
+
+
+def _stops(until: str | list[str] | None) -> list[str]:
+    return [until] if isinstance(until, str) else list(until or [])

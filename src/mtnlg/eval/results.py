@@ -86,10 +86,13 @@ def _finite(value: float) -> float | None:
 
 
 def _git_hash() -> str | None:
-    """The commit of the mtnlg source that ran, when it runs from a git checkout."""
+    """The commit of the mtnlg source that ran, when it runs from mtnlg's own checkout (src/mtnlg/eval/ here):
+    an installed copy inside someone else's repository has none."""
+    root = Path(__file__).resolve().parents[3]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    return lines[1] if out.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == root else None

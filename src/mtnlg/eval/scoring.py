@@ -9,7 +9,7 @@ tokens of an overlong one.
 `ModelScorer` is the fast one, for a model loaded for inference (one process, or split by tensor
 parallelism): requests that share a context (the choices of one question) read it once, its keys and
 values copied into one cache row per continuation; batches are filled longest first under a token budget,
-and only the positions that predict a continuation token go through the LM head.
+and the LM head reads only the continuations' positions (each batch's padded to its longest), never a context's.
 
 `RowScorer` is the one that runs on whatever training built (tensor and sequence parallel, pipeline
 stages, FSDP): every request is one row of a fixed [rows, max_len] batch, the shape training's own
@@ -55,13 +55,12 @@ class Scorer(Protocol):
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's boundary rule: trailing spaces of the context belong to the continuation, whose tokens are
     the tail of the whole string's encoding (so a word split across the boundary is tokenized as one word).
-    An empty context is the end-of-document token."""
-    if not context:
-        ids = tokenizer.encode(continuation)
-        return ([tokenizer.eod_id], ids) if ids[:1] != [tokenizer.eod_id] else (ids[:1], ids[1:])
+    An empty context (or one of spaces only) is the prefix token, lm-eval's BOS-else-EOS."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [tokenizer.bos_id], tokenizer.encode(continuation)
     context_ids = tokenizer.encode(context)
     return context_ids, tokenizer.encode(context + continuation)[len(context_ids) :]
 
@@ -140,8 +139,12 @@ class ModelScorer:
             progress(len(continuations))
 
     def generate(self, prompts: list[str], until: list[str], max_tokens: int, truncate: bool) -> list[str]:
+        """With `truncate`, a prompt keeps its last max_len - max_tokens tokens, as lm-eval's hf backend cuts it."""
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        if truncate:
+            ids = [i[-max(1, self.max_len - max_tokens) :] for i in ids]
         params = Sampling(temperature=0.0, max_new_tokens=max_tokens, stop=until, truncate=truncate)
-        return [c.text for c in generate(self.model, self.tokenizer, prompts, params)]
+        return [c.text for c in generate(self.model, self.tokenizer, ids, params)]
 
 
 class RowScorer:

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from mtnlg.errors import MtnlgError
 
-KINDS = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
 DEFAULT_UNTIL = ["\n\n"]
+SETTINGS = ("description", "target_delimiter", "fewshot_delimiter")  # what a task file's config line may set
 
 # Megatron-Turing NLG 530B's zero-shot accuracy, from its paper: printed beside our numbers.
 MT_NLG_530B = {"lambada": ("acc", 0.766), "hellaswag": ("acc_norm", 0.802), "piqa": ("acc", 0.820),
@@ -158,8 +158,8 @@ def _normalized(kind: str, r: dict) -> dict:
 
     def texts(name: str) -> list[str]:
         value = r.get(name)
-        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-            raise ValueError(f'needs "{name}": a non-empty list of strings')
+        if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            raise ValueError(f'needs "{name}": a list of non-empty strings')
         return value
 
     if kind == "multiple_choice":
@@ -175,7 +175,9 @@ def _normalized(kind: str, r: dict) -> dict:
     if kind == "generate_until":
         answers = texts("answers") if "answers" in r else [text("answer")]
         return {"context": text("context"), "answers": answers, "until": texts("until") if "until" in r else DEFAULT_UNTIL}
-    return {"text": text("text")}
+    if not text("text"):
+        raise ValueError('"text" is empty')
+    return {"text": r["text"]}
 
 
 def _read_jsonl(path: Path, parse: Callable[[dict, int], dict]) -> tuple[list[dict], list[int], dict]:
@@ -194,8 +196,9 @@ def _read_jsonl(path: Path, parse: Callable[[dict, int], dict]) -> tuple[list[di
                     raise ValueError("not a JSON object")
                 if not docs and not config and set(record) == {"config"}:
                     config = record["config"]
-                    if not (isinstance(config, dict) and all(isinstance(v, str) for v in config.values())):
-                        raise ValueError('"config" must map settings to strings')
+                    if not isinstance(config, dict) or set(config) - set(SETTINGS) or not all(
+                            isinstance(v, str) for v in config.values()):
+                        raise ValueError(f'"config" takes strings for {", ".join(SETTINGS)}')
                     continue
                 docs.append(parse(record, number))
                 lines.append(number)
@@ -210,8 +213,12 @@ def _read_jsonl(path: Path, parse: Callable[[dict, int], dict]) -> tuple[list[di
 def load_task(spec: str) -> Task:
     """A task from `FILE` (mtnlg's schema, named after the file), or `NAME=FILE` (a standard benchmark's
     file, e.g. hellaswag=hellaswag_val.jsonl); either may end in `@EXAMPLES` (a file of few-shot examples)."""
-    name, _, rest = spec.rpartition("=") if "=" in spec else ("", "", spec)
-    path, _, examples = rest.partition("@")
+    name, equals, rest = spec.partition("=")
+    if not (equals and re.fullmatch(r"[a-z_]+", name)):  # a path with "=" in it
+        name, rest = "", spec
+    path, at, examples = rest.rpartition("@")
+    if not at or Path(rest).is_file():  # a path with "@" in it
+        path, examples = rest, ""
     if name and name not in READERS:
         raise MtnlgError(f"unknown task {name!r}; known benchmarks: {', '.join(READERS)}; a file in mtnlg's own "
                          "schema needs no name")
@@ -237,10 +244,9 @@ def load_task(spec: str) -> Task:
 
     docs, lines, config = _read_jsonl(Path(path), parse)
     fewshot = _read_jsonl(Path(examples), parse)[0] if examples else None
-    settings = {k: config[k] for k in ("description", "target_delimiter", "fewshot_delimiter") if k in config}
     delimiter = {"target_delimiter": ""} if kind == "loglikelihood" else {}  # the continuation brings its space
     return Task(name or Path(path).stem, kind, docs, path, fewshot, reference=MT_NLG_530B.get(name.split("_")[0]),
-                lines=lines, **{**delimiter, **settings})
+                lines=lines, **{**delimiter, **config})
 
 
 def perplexity_task(path: str) -> Task:

@@ -244,6 +244,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
         tokenizer = server.lm.tokenizer
         eod = tokenizer.eod_id
         return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.decode([eod]), "eos_token_id": eod,
+                "bos_token": tokenizer.bos_token, "bos_token_id": tokenizer.bos_id,  # lm-eval's prefix for scoring
                 "vocab_size": tokenizer.vocab_size, "model_max_length": server.context,
                 "chat_template": tokenizer.chat_template}
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from mtnlg.config import Config
 from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
-from mtnlg.eval.harness import Options, evaluate
+from mtnlg.eval.harness import Options, plan, run
 from mtnlg.eval.scoring import RowScorer, token_scores
 from mtnlg.eval.tasks import Task, load_task
 from mtnlg.hardware import keep_freed_memory
@@ -86,7 +86,8 @@ class Trainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
                 f"{config.model.vocab_size}; set --model.vocab_size {_round_up(self.tokenizer.vocab_size, 128)}"
             )
-        self.eval_tasks = _load_eval_tasks(config)
+        self.eval_tasks, self.eval_options = _eval_tasks(config)
+        self.eval_plan = plan(self.eval_tasks, self.tokenizer, seq_len, self.eval_options)  # checked before step 1
         self.train_data = build_dataset(tc.data, "train", seq_len, tc.seed)
         self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
 
@@ -250,13 +251,12 @@ class Trainer:
         """Mean loss over the first `eval_batches` validation batches, each of micro_batch_size samples per
         data-parallel rank (times parallel.microbatches under a pipeline): the same tokens every time."""
         tc = self.config.train
-        per_rank = tc.micro_batch_size * (self.dims.cfg.microbatches if self.pipeline else 1)
         for module, _ in self.parts:
             module.eval()
         loader = BatchLoader(self.val_data)
         total = torch.zeros((), device=self.device)
         for _ in range(tc.eval_batches):
-            inputs, targets = self._my_slice(*loader.next_batch(per_rank * self.dims.dp_size))
+            inputs, targets = self._my_slice(*loader.next_batch(self._eval_rows() * self.dims.dp_size))
             if self.pipeline is not None:
                 total += self.pipeline.evaluate(inputs, targets) / tc.eval_batches
                 continue
@@ -270,15 +270,16 @@ class Trainer:
         """The `[eval]` tasks on the model as this run lays it out: each data-parallel rank scores its share of
         the documents in [rows, seq_len] batches of the validation step's size, and all get the whole result.
         Keys are "task/metric" (standard errors left out)."""
-        ec = self.config.eval
-        per_rank = self.config.train.micro_batch_size * (self.dims.cfg.microbatches if self.pipeline else 1)
         for module, _ in self.parts:
             module.eval()
-        scorer = RowScorer(self._token_scores, self.config.model.max_seq_len, per_rank, self.device)
-        options = Options(num_fewshot=ec.num_fewshot, seed=ec.fewshot_seed, limit=ec.limit or None, progress=False)
+        scorer = RowScorer(self._token_scores, self.config.model.max_seq_len, self._eval_rows(), self.device)
         ranks = (self.dims.dp_rank(self.dist.rank), self.dims.dp_size)
-        results = evaluate(scorer, self.tokenizer, self.eval_tasks, options, ranks)
+        results = run(scorer, self.tokenizer, self.eval_tasks, self.eval_plan, self.eval_options, ranks)
         return {f"{r.task.name}/{m}": v for r in results for m, v in r.metrics.items() if not m.endswith("_stderr")}
+
+    def _eval_rows(self) -> int:
+        """Samples per data-parallel rank in one evaluation forward (all the micro-batches of a pipeline step)."""
+        return self.config.train.micro_batch_size * (self.dims.cfg.microbatches if self.pipeline else 1)
 
     def _token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pipeline is not None:
@@ -326,14 +327,17 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name  # finish the step, save, then stop
 
 
-def _load_eval_tasks(config: Config) -> list[Task]:
-    """The `[eval]` tasks, read (and their mistakes reported) before the first step."""
-    tasks = [load_task(spec) for spec in config.eval.tasks]
+def _eval_tasks(config: Config) -> tuple[list[Task], Options]:
+    """The `[eval]` tasks and how to run them, read (and their mistakes reported) before the first step."""
+    ec = config.eval
+    if ec.tasks and not config.train.eval_interval:
+        raise MtnlgError("eval.tasks run every train.eval_interval steps, which is 0; set it, or drop [eval] tasks")
+    tasks = [load_task(spec) for spec in ec.tasks]
     for task in tasks:
         if task.kind == "generate_until":
             raise MtnlgError(f"eval.tasks: {task.name} generates text, which training does not run; score it on a "
                              "checkpoint with mtnlg eval, or drop it from [eval] tasks")
-    return tasks
+    return tasks, Options(num_fewshot=ec.num_fewshot, seed=ec.fewshot_seed, limit=ec.limit or None, progress=False)
 
 
 def pick_device(name: str) -> torch.device:
