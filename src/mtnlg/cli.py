@@ -317,7 +317,7 @@ def _join_group(device: str | None):
     from mtnlg.parallel.launch import init_distributed, world_size
     from mtnlg.train.trainer import pick_device
 
-    return init_distributed(ParallelConfig(dp_shard=world_size()), pick_device(device or "auto")).device
+    return init_distributed(ParallelConfig(dp_shard=world_size()), pick_device(device or "auto", "--device")).device
 
 
 def cmd_lm_eval(argv: list[str]) -> int:
@@ -542,16 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lm-eval"]:  # every argument is lm-eval's
-        try:
-            return cmd_lm_eval(argv[1:])
-        except MtnlgError as e:
-            print(f"mtnlg lm-eval: error: {e}", file=sys.stderr)
-            return 1
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.verb not in ("train", "demo"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = rest
+        args = argparse.Namespace(verb="lm-eval", handler=lambda _: cmd_lm_eval(argv[1:]))
+    else:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        if rest and args.verb not in ("train", "demo"):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = rest
     try:
         code = args.handler(args) or 0
     except MtnlgError as e:

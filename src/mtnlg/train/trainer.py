@@ -340,12 +340,13 @@ def _eval_tasks(config: Config) -> tuple[list[Task], Options]:
     return tasks, Options(num_fewshot=ec.num_fewshot, seed=ec.fewshot_seed, limit=ec.limit or None, progress=False)
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when there is a GPU, else the CPU; asking for CUDA without one is a user error."""
+def pick_device(name: str, setting: str = "--train.device") -> torch.device:
+    """`auto` is CUDA when there is a GPU, else the CPU; asking for CUDA without one is a user error, named
+    by the `setting` it came from."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise MtnlgError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu or auto")
+        raise MtnlgError(f"{setting} is cuda but no CUDA GPU is visible; use {setting} cpu or auto")
     return torch.device(name)
 
 
