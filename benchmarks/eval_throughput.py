@@ -32,6 +32,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 
 import mtnlg
+from mtnlg.checkpoint import save_checkpoint
 from mtnlg.config import Config, ModelConfig
 from mtnlg.data.corpus import build_default_corpus
 from mtnlg.data.prepare import read_documents
@@ -43,7 +44,6 @@ from mtnlg.hardware import this_cpu
 from mtnlg.interop.hf import export_hf
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import save_checkpoint
 
 LM_EVAL_TASK = """task: endings
 dataset_path: json

@@ -32,6 +32,7 @@ import tokenizers
 import torch
 
 import mtnlg
+from mtnlg.checkpoint import save_checkpoint
 from mtnlg.config import Config, ModelConfig
 from mtnlg.hardware import inference_dtype, this_cpu
 from mtnlg.inference.engine import Engine, Request
@@ -39,7 +40,6 @@ from mtnlg.inference.sampling import Sampling
 from mtnlg.model.gpt import GPT
 from mtnlg.serve.app import SERVE_PREFILL_TOKENS
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import save_checkpoint
 
 
 def workload(count: int, seed: int = 0) -> list[tuple[list[int], int]]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import mtnlg
+from mtnlg.checkpoint import load_model
 from mtnlg.config import ModelConfig
 from mtnlg.model.gpt import GPT, cross_entropy
-from mtnlg.train.checkpoint import load_model
 from mtnlg.train.metrics import read_metrics
 from mtnlg.train.trainer import Trainer
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import mtnlg
+from mtnlg.checkpoint import save_checkpoint
 from mtnlg.cli import main
 from mtnlg.config import Config, ModelConfig
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import save_checkpoint
 from spawn import spawn
 
 PROMPTS = ["The model", "Training runs on one machine or many while the loss", "A"]

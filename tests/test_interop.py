@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from mtnlg.checkpoint import load_model, save_checkpoint
 from mtnlg.cli import main
 from mtnlg.config import Config, ModelConfig
 from mtnlg.errors import MtnlgError
@@ -23,7 +24,6 @@ from mtnlg.interop.hf import export_hf, import_hf
 from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import load_model, save_checkpoint
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()

@@ -27,10 +27,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data, tmp_path_factory):
+    from mtnlg.checkpoint import save_checkpoint
     from mtnlg.config import Config, ModelConfig
     from mtnlg.model.gpt import GPT
     from mtnlg.tokenizer import Tokenizer
-    from mtnlg.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_name("tiny", max_seq_len=256)).eval()

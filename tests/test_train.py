@@ -4,11 +4,10 @@ import sys
 import time
 
 import pytest
-import safetensors.torch
 import torch
 
+from mtnlg.checkpoint import find_latest, load_model
 from mtnlg.errors import MtnlgError
-from mtnlg.train.checkpoint import find_latest, load_model
 from mtnlg.train.metrics import read_metrics
 from mtnlg.train.trainer import Trainer
 
@@ -82,15 +81,14 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tiny_config):
 
 def test_interrupted_checkpoint_never_becomes_latest(tiny_config, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config("--train.max_steps=6", "--train.save_interval=3"))
-    real_save = safetensors.torch.save_model
+    real_save = torch.save
 
-    def dies_on_second_save(model, filename, *args, **kwargs):
-        if "step_00000006" in filename:
-            real_save(model, filename, *args, **kwargs)
+    def dies_on_second_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if "step_00000006" in getattr(f, "name", ""):  # trainer_state.pt: state/ is written, the folder not renamed
             raise KeyboardInterrupt  # as if the process were killed mid-write
-        real_save(model, filename, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_model", dies_on_second_save)
+    monkeypatch.setattr(torch, "save", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -137,13 +135,13 @@ def train_step(self):
 Trainer.train_step = train_step
 """,
     "save": """
-from mtnlg.train import checkpoint
-consolidate = checkpoint.consolidate
-def consolidate_then_die(directory, config):
-    consolidate(directory, config)  # state/ and model.safetensors are written, the folder not yet renamed
+from mtnlg import checkpoint
+describe = checkpoint._write_description
+def describe_then_die(directory, config, tokenizer):
+    describe(directory, config, tokenizer)  # state/ and config.json are written, the folder not yet renamed
     if directory.name.startswith("step_{at:08d}"):
         os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.consolidate = consolidate_then_die
+checkpoint._write_description = describe_then_die
 """,
 }
 
@@ -179,8 +177,8 @@ def test_resume_auto_survives_sigkill_before_the_first_checkpoint_and_during_a_s
     assert rerun.stdout.splitlines()[0].startswith(f"resuming {run} from step 4")
     assert find_latest(checkpoints).name == "step_00000012" and not list(checkpoints.glob("*.tmp"))
     assert losses(run) == losses(tmp_path / "straight") and list(losses(run)) == list(range(1, 13))
-    a = safetensors.torch.load_file(tmp_path / "straight" / "checkpoints" / "step_00000012" / "model.safetensors")
-    b = safetensors.torch.load_file(checkpoints / "step_00000012" / "model.safetensors")
+    a = load_model(tmp_path / "straight")[0].state_dict()
+    b = load_model(run)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

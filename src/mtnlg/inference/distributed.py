@@ -1,10 +1,11 @@
 """Inference with tensor parallelism: one model split over the processes torchrun starts.
 
-Every process reads the consolidated weights and `apply_tp` keeps its 1/tp of each layer (heads, hidden
-units, vocabulary). The processes of one tp group then make the same generate/stream/score calls in
-lockstep: every forward communicates inside the group, and all of them choose the same tokens. When more
-processes run than tp (evaluation splits its documents over data-parallel replicas), ranks r*tp ...
-(r+1)*tp - 1 form replica r, each holding the whole model split the same way.
+Every process reads the whole model (model.safetensors, or state/ when a run wrote no consolidated
+file) and `apply_tp` keeps its 1/tp of each layer (heads, hidden units, vocabulary). The processes of one
+tp group then make the same generate/stream/score calls in lockstep: every forward communicates inside
+the group, and all of them choose the same tokens. When more processes run than tp (evaluation splits its
+documents over data-parallel replicas), ranks r*tp ... (r+1)*tp - 1 form replica r, each holding the whole
+model split the same way.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from pathlib import Path
 
 import torch
 
+from mtnlg.checkpoint import load_config_file, load_model, resolve_checkpoint
 from mtnlg.config import Config, ParallelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.launch import init_distributed, world_size
+from mtnlg.parallel.layout import ParallelDims
 from mtnlg.parallel.parallelize import apply_tp
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import load_config_file, load_model, resolve_checkpoint
 
 
 def load_tensor_parallel(

@@ -20,11 +20,11 @@ import safetensors
 import safetensors.torch
 import torch
 
+from mtnlg.checkpoint import atomic_directory, load_model, resolve_checkpoint, save_checkpoint
 from mtnlg.config import Config, ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import atomic_directory, load_model, resolve_checkpoint, save_checkpoint
 
 # (HF module, the mtnlg modules it holds, weight stored transposed as [in, out]); "{i}" repeats per layer.
 # Each row covers `.weight` and, where the model has them, `.bias`. A fused HF module (GPT-2's c_attn)
