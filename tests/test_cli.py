@@ -138,3 +138,23 @@ def test_generate_dtype_follows_the_cpu(capsys, tiny_run, cap_cpu):
         assert code == 0 and out.startswith("hi")
     assert_user_error(capsys, "bf16 weights need bf16 instructions (AVX512_BF16", "generate", tiny_run, "--prompt", "hi",
                       "--dtype", "bf16")
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"],
+    ["plan", "--model", "mt-nlg-530b", "--gpus", "4480", "--gpu", "a100-80g", "--global-batch", "1920", "--seq", "2048"],
+    ["info", "--model", "mt-nlg-530b"],
+])
+def test_help_plan_and_info_run_without_torch(args):
+    """Reading the help and planning a cluster need no torch: they answer at once, on any laptop."""
+    code = f"""
+import sys
+from mtnlg.cli import main
+try:
+    main({args!r})
+except SystemExit as e:  # --help
+    assert e.code == 0, e.code
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout, result.stderr

@@ -145,6 +145,10 @@ class TrainConfig:
     log_interval: int = 1
     save_interval: int = 500
     keep_last: int = 3
+    # end | every | never: which saves also write model.safetensors (the weights in one file, for tools
+    # outside mtnlg) beside the sharded state/; end: the run's last save. Every verb reads state/ alone
+    # too, and `mtnlg consolidate RUN` writes the file later.
+    consolidate: str = "end"
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
     compile: bool = False
@@ -183,6 +187,7 @@ class TrainConfig:
             raise MtnlgError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _check_choice("train.consolidate", self.consolidate, ("end", "every", "never"))
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
@@ -222,11 +227,6 @@ class ParallelConfig:
                 raise MtnlgError(f"parallel.{name} must be a positive integer, got {value!r}")
         _check_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
         _check_choice("parallel.activation_checkpointing", self.activation_checkpointing, ("none", "selective", "full"))
-        if self.microbatches % self.pp:
-            raise MtnlgError(
-                f"parallel.microbatches ({self.microbatches}) must be a multiple of parallel.pp ({self.pp}) "
-                f"so every pipeline stage stays busy; try {self.pp * max(1, self.microbatches // self.pp)}"
-            )
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from mtnlg.defaults import MAX_GEN_TOKENS
 from mtnlg.errors import MtnlgError
 from mtnlg.eval.scoring import Pair, Progress, Scorer, encode_pair, fits, rolling_windows
 from mtnlg.eval.tasks import Task
@@ -35,9 +36,6 @@ METRICS = {
 ROLLING_UNIT = {"loss": "tokens", "perplexity": "tokens", "word_perplexity": "words", "byte_perplexity": "bytes",
                 "bits_per_byte": "bytes"}
 HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True}
-
-
-MAX_GEN_TOKENS = 256  # lm-eval's default for generate_until
 
 
 @dataclass

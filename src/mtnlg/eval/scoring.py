@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mtnlg.defaults import TOKEN_BUDGET
 from mtnlg.errors import MtnlgError
 from mtnlg.inference.generate import generate
 from mtnlg.inference.sampling import Sampling
@@ -31,10 +32,6 @@ from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.parallel import whole
 from mtnlg.tokenizer import Tokenizer
-
-# Positions (rows x longest row) per batch. Measured on 2 cores with a GPT-2-shaped model: 2048 and 8192
-# score at the same rate, and the logits of a batch (positions x vocabulary x 4 bytes) stay near 0.4 GB.
-TOKEN_BUDGET = 2048
 
 Pair = tuple[Sequence[int], Sequence[int]]
 Answer = tuple[float, bool]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mtnlg.defaults import BATCH_SIZE
 from mtnlg.errors import MtnlgError
 from mtnlg.inference.engine import Engine, Request
 from mtnlg.inference.sampling import Sampling, seeded_generators
@@ -21,10 +22,6 @@ from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.parallel import whole
 from mtnlg.tokenizer import Tokenizer
-
-# Sequences decoded (or scored) together by default: batches amortize reading the weights, and a cap keeps
-# the KV cache and padding of a long prompts file bounded.
-BATCH_SIZE = 16
 
 
 @dataclass

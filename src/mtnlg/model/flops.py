@@ -1,16 +1,19 @@
 """Analytic size of a model: parameters, training FLOPs per token, and training-state memory.
 
-Used by MFU logging and `mtnlg info`; tests hold the parameter count equal to the real module's.
+Used by MFU logging, `mtnlg info` and the planner; tests hold the parameter count equal to the real module's.
+Only measuring a device's matmul rate needs torch, and imports it then: the arithmetic runs without it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from mtnlg.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # Mixed-precision training state per parameter, as Megatron-LM counts it: bf16 weight (2) + fp32 gradient (4)
 # + fp32 master weight (4) + fp32 Adam first and second moments (4 + 4).
@@ -35,7 +38,8 @@ def _block_matmul_params(cfg: ModelConfig) -> int:
     return d * (q + 2 * kv) + q * d + (n_up + 1) * d * cfg.d_ff
 
 
-def _norm_params(cfg: ModelConfig) -> int:
+def norm_params(cfg: ModelConfig) -> int:
+    """One norm's parameters: a scale, and a shift for LayerNorm with biases."""
     return cfg.d_model * (1 if cfg.norm == "rmsnorm" else 1 + int(cfg.bias))
 
 
@@ -44,7 +48,7 @@ def _block_vector_params(cfg: ModelConfig) -> int:
     d, q, kv = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     n_up = 2 if cfg.mlp == "swiglu" else 1
     biases = int(cfg.bias) * (q + 2 * kv + d + n_up * cfg.d_ff + d)
-    return biases + 2 * _norm_params(cfg)
+    return biases + 2 * norm_params(cfg)
 
 
 def block_params(cfg: ModelConfig) -> int:
@@ -59,7 +63,7 @@ def model_size(cfg: ModelConfig, seq_len: int | None = None) -> ModelSize:
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     embedding = cfg.vocab_size * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0) + head
     matmul = L * _block_matmul_params(cfg) + cfg.vocab_size * d
-    params = L * block_params(cfg) + _norm_params(cfg) + embedding
+    params = L * block_params(cfg) + norm_params(cfg) + embedding
     # 2 FLOPs per multiply-add forward, twice that backward; QK^T and AV add 2 * 2 * seq * d per layer.
     flops = 3 * (2 * matmul + 4 * L * seq_len * cfg.n_head * cfg.head_dim)
     return ModelSize(params=params, embedding_params=embedding, matmul_params=matmul, flops_per_token=flops)
@@ -77,8 +81,11 @@ def human(n: float, unit: str = "") -> str:
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12}
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """The FLOP/s that MFU divides by: the data sheet for known GPUs, else a matmul measured here."""
+def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float:
+    """The FLOP/s that MFU divides by: the data sheet for known GPUs, else a matmul measured here (in `dtype`,
+    default fp32)."""
+    import torch
+
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS.items():
@@ -87,8 +94,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
     return measure_matmul_flops(device, dtype)
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """Best of several square matmuls: the practical peak of this device with the current thread count."""
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype | None = None, n: int = 1024) -> float:
+    """Best of several square matmuls (default fp32): the practical peak of this device with the current
+    thread count."""
+    import torch
+
+    dtype = dtype or torch.float32
     generator = torch.Generator(device).manual_seed(0)  # leave the global RNG alone: resume must be exact
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     best = float("inf")
@@ -102,5 +113,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)

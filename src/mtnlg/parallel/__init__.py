@@ -1,6 +1,11 @@
 """3D parallelism on torch.distributed: tensor, sequence, pipeline and data parallel, and the cluster planner."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the layout arithmetic and the planner import this package without torch
+    import torch
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:

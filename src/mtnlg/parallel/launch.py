@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from mtnlg.config import ParallelConfig
-from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.layout import MESH_DIMS, ParallelDims
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -49,7 +52,17 @@ def init_distributed(parallel: ParallelConfig, device: torch.device) -> Distribu
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dims, dims.build_mesh(device.type), device)
+    return Distributed(dist.get_rank(), dims, build_mesh(dims, device.type), device)
+
+
+def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh:
+    """One DeviceMesh over all ranks with a named dim for every size > 1 (a size-1 "dp_shard" dim when
+    everything is 1), so `mesh["tp"]`, `mesh["dp_shard"]`, ... exist exactly when they are used."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sizes = dims.sizes()
+    names = [name for name in MESH_DIMS if sizes[name] > 1] or ["dp_shard"]
+    return init_device_mesh(device_type, tuple(sizes[name] for name in names), mesh_dim_names=tuple(names))
 
 
 def shutdown() -> None:

@@ -5,22 +5,26 @@ roughly how long a run takes. Everything here is arithmetic (no torch, no device
 in milliseconds for a 530B model and every number can be checked by hand:
 
 - training state per GPU: bf16 weights (2 B/param), fp32 main gradients (4 B), fp32 master weights +
-  Adam moments (12 B), for the parameters of the largest pipeline stage divided by tp; no ZeRO unless
-  asked (`zero1` then splits the 12 B optimizer state over the data-parallel replicas);
+  Adam moments (12 B), for the parameters of the fullest GPU, counted exactly as the runtime places
+  them (`rank_params`); no ZeRO unless asked (`zero1` then splits the 12 B optimizer state over the
+  data-parallel replicas);
 - activations per layer from Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", with sequence parallelism whenever tp > 1, times the layers of a stage times
   the micro-batches in flight on the first stage under 1F1B;
-- step time from FLOPs at an assumed fraction of the GPU's peak, stretched by the pipeline bubble.
+- step time from FLOPs at an assumed fraction of the GPU's peak, stretched by the pipeline bubble and by
+  the fullest stage when the blocks do not split evenly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import MtnlgError
-from mtnlg.model.flops import TRAINING_BYTES_PER_PARAM, block_params, model_size
+from mtnlg.model.flops import TRAINING_BYTES_PER_PARAM, model_size, norm_params
+from mtnlg.parallel.layout import check_microbatches, check_tp, stage_layers
 
 GiB = 2**30
 
@@ -61,7 +65,7 @@ class Layout:
     micro_batch: int
     recompute: str
     layers_per_stage: int
-    params_per_gpu: int  # parameters of the largest stage / tp
+    params_per_gpu: int  # parameters of the fullest pipeline rank, cut over tp (`rank_params`)
     weight_bytes: int
     grad_bytes: int
     optimizer_bytes: int
@@ -82,21 +86,47 @@ class Layout:
         return self.state_bytes + self.activation_bytes
 
 
-def stage_params(cfg: ModelConfig, pp: int) -> int:
-    """Parameters on the largest pipeline stage: ceil(L / pp) blocks plus the larger end of the model.
+def rank_params(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, schedule: str = "1f1b") -> int:
+    """Parameters one GPU holds, placed as the runtime places them: the blocks of the stages that pipeline
+    rank `pp_rank` runs (stage s on rank s % pp), the embeddings with the first stage, the final norm and
+    the head with the last, each cut over tp as mtnlg.parallel.parallelize cuts it (vocabulary-parallel
+    embedding and head, learned positions whole).
 
-    With pp == 1 the one stage holds everything. With pp > 1 the first stage holds the token (+ learned
-    position) embeddings and the last the final norm and the LM head, which for tied embeddings is a
-    copy of the token embedding (as in Megatron); the larger of the two ends counts.
+    Tied embeddings are one tensor when one stage holds both ends (pp == 1); with pp > 1 the last stage
+    holds the head as a copy of the token embedding, as in Megatron.
     """
-    blocks = math.ceil(cfg.n_layer / pp) * block_params(cfg)
-    outside = model_size(cfg).params - cfg.n_layer * block_params(cfg)
-    if pp == 1:
-        return blocks + outside
-    token = cfg.vocab_size * cfg.d_model
-    first = token + (cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0)
-    last = outside - first + (token if cfg.tie_embeddings else 0)
-    return blocks + max(first, last)
+    if not 0 <= pp_rank < pp:
+        raise MtnlgError(f"pipeline rank {pp_rank} is outside pp {pp}; pass a rank from 0 to {pp - 1}")
+    check_tp(cfg, tp)
+    stages = stage_layers(cfg.n_layer, pp, schedule) if pp > 1 else [range(cfg.n_layer)]  # pp 1: no pipeline
+    mine = range(pp_rank, len(stages), pp)
+    params = sum(len(stages[s]) for s in mine) * _block_rank_params(cfg, tp)
+    token = cfg.vocab_size * cfg.d_model // tp
+    first, last = 0 in mine, len(stages) - 1 in mine
+    if first:
+        params += token + (cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0)
+    if last:
+        params += norm_params(cfg) + (0 if cfg.tie_embeddings and first else token)
+    return params
+
+
+def _block_rank_params(cfg: ModelConfig, tp: int) -> int:
+    """One block on one tp rank: q/k/v/up/gate (column-parallel: weight and bias) and the o/down weights
+    (row-parallel) are cut over tp; the o/down biases, added after the reduction, and the norms stay whole."""
+    d, q, kv, bias = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, int(cfg.bias)
+    n_up = 2 if cfg.mlp == "swiglu" else 1
+    column = (q + 2 * kv + n_up * cfg.d_ff) * (d + bias)
+    row = (q + cfg.d_ff) * d
+    return (column + row) // tp + 2 * bias * d + 2 * norm_params(cfg)
+
+
+def rank_state_bytes(
+    cfg: ModelConfig, tp: int, pp: int, pp_rank: int, schedule: str = "1f1b", dp_shard: int = 1
+) -> dict[str, int]:
+    """Training state on one GPU in bytes, by kind (`TRAINING_BYTES_PER_PARAM`), as the planner counts it;
+    FSDP over `dp_shard` ranks divides all of it."""
+    params = rank_params(cfg, tp, pp, pp_rank, schedule)
+    return {what: params * nbytes // dp_shard for what, nbytes in TRAINING_BYTES_PER_PARAM.items()}
 
 
 def activation_bytes_per_layer(cfg: ModelConfig, seq: int, micro_batch: int, tp: int, recompute: str) -> float:
@@ -144,13 +174,19 @@ def plan(
     if cfg.position == "learned" and seq > cfg.max_seq_len:
         raise MtnlgError(f"--seq {seq} is longer than the model's learned positions ({cfg.max_seq_len}); pass --seq <= {cfg.max_seq_len}")
 
+    if tp:  # a size the runtime refuses fails with the runtime's message
+        check_tp(cfg, tp)
+    if pp:
+        stage_layers(cfg.n_layer, pp, "1f1b")
+
     device = GPUS[gpu]
     size = model_size(cfg, seq)
+    fullest = {(t, p): max(rank_params(cfg, t, p, r) for r in range(p)) for t, p in _grid(cfg, gpus, tp, pp)}
     candidates = [
-        _layout(cfg, size.flops_per_token, device, gpus, global_batch, seq, t, p, b, r, tokens, zero1, efficiency)
-        for t, p in _grid(cfg, gpus, tp, pp)
+        _layout(cfg, size.flops_per_token, device, gpus, global_batch, seq, t, p, params, b, r, tokens, zero1, efficiency)
+        for (t, p), params in fullest.items()
         for b in ((micro_batch,) if micro_batch else MICRO_BATCHES)
-        if global_batch % (gpus // (t * p) * b) == 0
+        if _runs(global_batch, gpus // (t * p) * b, p)
         for r in RECOMPUTE
     ]
     if not candidates:
@@ -172,26 +208,46 @@ def plan(
     return fits
 
 
+def _runs(global_batch: int, samples_per_micro_batch: int, pp: int) -> bool:
+    """Whether the batch cuts into whole micro-batches over the data-parallel ranks, enough of them for the
+    pipeline (the runtime's rule, for 1F1B)."""
+    if global_batch % samples_per_micro_batch:
+        return False
+    try:
+        check_microbatches(global_batch // samples_per_micro_batch, pp, "1f1b")
+    except MtnlgError:
+        return False
+    return True
+
+
 def _grid(cfg: ModelConfig, gpus: int, tp: int | None, pp: int | None) -> list[tuple[int, int]]:
-    """(tp, pp) pairs: tp a power of two within a node dividing heads, kv heads and vocabulary; no empty stage."""
+    """(tp, pp) pairs that divide the GPUs and that the runtime accepts (mtnlg.parallel.layout): tp a power
+    of two within a node that splits the model evenly, pp any size whose 1F1B split gives every stage a block."""
     pairs = []
     for t in TP_SIZES:
-        if cfg.n_head % t or cfg.n_kv_head % t or cfg.vocab_size % t or tp not in (None, t):
+        if gpus % t or tp not in (None, t) or not _accepts(check_tp, cfg, t):
             continue
-        for p in range(1, cfg.n_layer + 1):
-            empty_stage = math.ceil(cfg.n_layer / p) * (p - 1) >= cfg.n_layer
-            if gpus % (t * p) == 0 and not empty_stage and pp in (None, p):
+        for p in range(1, gpus // t + 1):
+            if gpus % (t * p) == 0 and pp in (None, p) and _accepts(stage_layers, cfg.n_layer, p, "1f1b"):
                 pairs.append((t, p))
     return pairs
 
 
+def _accepts(check: Callable[..., object], *args: object) -> bool:
+    """Whether a runtime check passes (it raises MtnlgError naming the fix when it does not)."""
+    try:
+        check(*args)
+    except MtnlgError:
+        return False
+    return True
+
+
 def _layout(
     cfg: ModelConfig, flops_per_token: int, device: Gpu, gpus: int, global_batch: int, seq: int,
-    tp: int, pp: int, micro_batch: int, recompute: str, tokens: float, zero1: bool, efficiency: float,
+    tp: int, pp: int, params: int, micro_batch: int, recompute: str, tokens: float, zero1: bool, efficiency: float,
 ) -> Layout:
     dp = gpus // (tp * pp)
-    layers = math.ceil(cfg.n_layer / pp)
-    params = stage_params(cfg, pp) // tp
+    layers = len(stage_layers(cfg.n_layer, pp, "1f1b")[0])  # the first stage: the most blocks and micro-batches
     micro_batches = global_batch // (dp * micro_batch)
     in_flight = min(pp, micro_batches)  # 1F1B: the first stage holds pp micro-batches' activations at most
     activations = activation_bytes_per_layer(cfg, seq, micro_batch, tp, recompute) * layers * in_flight
@@ -204,7 +260,9 @@ def _layout(
     extra = {"none": 0.0, "selective": 4 * cfg.n_layer * seq * cfg.d_model * step_tokens, "full": model_flops / 3}
     hardware_flops = model_flops + extra[recompute]
     rate = gpus * device.peak_flops * efficiency * tp_efficiency(tp)
-    step = hardware_flops / rate * (1 + bubble)
+    # Every stage waits for the slowest: with blocks that do not divide evenly, the fullest stage sets the pace.
+    imbalance = layers * pp / cfg.n_layer
+    step = hardware_flops / rate * imbalance * (1 + bubble)
     return Layout(
         tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, recompute=recompute, layers_per_stage=layers,
         params_per_gpu=params, weight_bytes=params * WEIGHT_BYTES, grad_bytes=params * GRAD_BYTES,
@@ -223,10 +281,11 @@ def assumptions(gpu: str, efficiency: float = MATMUL_EFFICIENCY, zero1: bool = F
         f"a layout fits at <= {MEMORY_HEADROOM:.0%} of memory",
         f"compute: {efficiency:.0%} of peak on matmuls; tp costs {TP_COMM_PENALTY:.0%} per doubling "
         f"(tp=8 runs at {tp_efficiency(8):.0%}); data-parallel all-reduce and pipeline sends assumed overlapped",
-        "step time = FLOPs (6N + attention, plus recompute) / (GPUs x peak x efficiency) x (1 + bubble); "
-        "bubble = (pp - 1) / micro-batches per pipeline (1F1B)",
+        "step time = FLOPs (6N + attention, plus recompute) / (GPUs x peak x efficiency) x imbalance x (1 + bubble); "
+        "imbalance = blocks of the fullest stage / mean blocks per stage; bubble = (pp - 1) / micro-batches per "
+        "pipeline (1F1B)",
         f"memory: bf16 weights {WEIGHT_BYTES} B + fp32 grads {GRAD_BYTES} B + fp32 master and Adam {OPTIMIZER_BYTES} B "
-        f"per parameter of the largest stage / tp; {'ZeRO-1: optimizer / dp' if zero1 else 'no ZeRO (--zero1 splits the optimizer over dp)'}",
+        f"per parameter on the fullest GPU (its stages, cut over tp as the runtime cuts them); {'ZeRO-1: optimizer / dp' if zero1 else 'no ZeRO (--zero1 splits the optimizer over dp)'}",
         "activations: Korthikanti et al. 2022 with sequence parallelism, x layers per stage x min(pp, micro-batches) "
         "in flight on the first stage; TFLOP/s counts recompute (as MT-NLG reports), MFU does not",
     ]
