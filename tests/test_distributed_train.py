@@ -99,18 +99,18 @@ def test_pipeline_resumes_from_one_process_and_back(tiny_config, tmp_path):
 
 
 def test_pipeline_rules(tiny_config):
-    from mtnlg.train.trainer import _check_pipeline
+    from mtnlg.parallel.layout import check_pipeline_batch
 
     ok = tiny_config("--parallel.pp=2", "--parallel.microbatches=2", "--train.global_batch_size=8")
-    _check_pipeline(ok, dp_size=1)  # 8 samples = 2 micro-batches of 4
+    check_pipeline_batch(ok, dp_size=1)  # 8 samples = 2 micro-batches of 4
     with pytest.raises(MtnlgError, match=r"rank's 4 samples .* parallel.microbatches \(2\) micro-batches of "
                                          r"train.micro_batch_size \(4\).*train.global_batch_size = 16"):
-        _check_pipeline(ok, dp_size=2)
+        check_pipeline_batch(ok, dp_size=2)
     ramp = tiny_config("--train.rampup_start=4", "--train.rampup_increment=4", "--train.rampup_samples=64")
     with pytest.raises(MtnlgError, match="batch-size ramp-up does not work with pipeline parallelism"):
-        _check_pipeline(ramp, dp_size=1)
+        check_pipeline_batch(ramp, dp_size=1)
     with pytest.raises(MtnlgError, match="train.compile does not apply to pipeline stages"):
-        _check_pipeline(tiny_config("--train.compile=true"), dp_size=1)
+        check_pipeline_batch(tiny_config("--train.compile=true"), dp_size=1)
 
 
 @pytest.mark.slow
@@ -145,3 +145,34 @@ def test_eval_tasks_give_the_same_numbers_under_every_layout(tiny_config, tiny_t
         got = task_scores(run)
         assert got.keys() == want.keys()
         assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want), (layout, got, want)
+
+
+def _compute_dtypes(rank: int, config, out: str) -> None:
+    """The dtypes the matrix products of one training step produce on this rank, and the step's loss."""
+    import torch.distributed as dist
+
+    trainer = Trainer(config)
+    seen = set()
+    for module in trainer.parts.modules:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_hook(lambda m, args, y: seen.add(str(y.dtype)))
+    loss, *_ = trainer.train_step()
+    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [seen]
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, seen)
+    if rank == 0:
+        torch.save({"dtypes": set().union(*gathered), "loss": loss}, out)
+
+
+@pytest.mark.slow
+def test_pipeline_computes_in_bf16_like_one_process(tiny_config, tmp_path):
+    """train.dtype = bf16: the pipeline's stages run their products under the same autocast as one process
+    (the precision is applied to every model part from outside), with the same first loss."""
+    config = tiny_config(*RUN, "--train.dtype=bf16", "--parallel.microbatches=2")
+    _compute_dtypes(0, config, str(tmp_path / "one.pt"))
+    spawn(_compute_dtypes, 2, tiny_config(*RUN, "--train.dtype=bf16", "--parallel.microbatches=2", "--parallel.pp=2",
+                                          out_dir=tmp_path / "pp"), str(tmp_path / "pp.pt"))
+    one, pp = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "pp.pt")
+    assert one["dtypes"] == pp["dtypes"] == {"torch.bfloat16"}
+    assert pp["loss"] == pytest.approx(one["loss"], rel=1e-2)

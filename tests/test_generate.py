@@ -34,7 +34,8 @@ def greedy(lm, prompts, **kw):
 
 
 def test_generation_from_a_trained_checkpoint(lm):
-    text = greedy(lm, "The model", max_new_tokens=30)[0].text
+    # past the first sentence: a model of this corpus may end the document after one
+    text = greedy(lm, "The model", max_new_tokens=30, ignore_eos=True)[0].text
     words = [w.strip(".").lower() for w in text.split()]
     assert len(words) >= 5 and set(words) & {"the", "a", "model", "learns", "to", "predict", "loss"}
 
@@ -250,9 +251,9 @@ def test_packed_cpu_inference_matches_the_plain_model(tiny_data):
 @pytest.fixture
 def checkpoint(tiny_data, tmp_path):
     """A random llama-tiny checkpoint."""
+    from mtnlg.checkpoint import save_checkpoint
     from mtnlg.config import Config
     from mtnlg.model.gpt import GPT
-    from mtnlg.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     plain = GPT(ModelConfig.from_name("llama-tiny")).eval()

@@ -1,26 +1,29 @@
 """Parallel layouts: config validation and the pipeline split (single process), and parity with one process
 on 2-4 gloo processes.
 
-Each multi-process test trains a tiny model for 10 AdamW steps on the same global batches as a
-single-process reference run here, and asserts equal losses and equal final (gathered) weights.
+Each multi-process test runs the real Trainer for 10 AdamW steps on the same global batches as a
+single-process Trainer run here, and asserts bit-identical initial weights, equal losses and validation
+losses, and equal final weights.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig, load_config
-from mtnlg.errors import MtnlgError
-from mtnlg.model.gpt import GPT, cross_entropy
-from mtnlg.parallel.dims import ParallelDims
-from mtnlg.parallel.pipeline import build_stage, stage_layers
-from mtnlg.train.optim import build_optimizer, lr_at
-from spawn import spawn
+import safetensors.torch
 
-STEPS, BATCH, SEQ = 10, 4, 32
-EVAL_AFTER = 4  # pipelines also evaluate batch 0 (forward only) after this step, then train on
-TRAIN = dict(lr=1e-2, warmup_steps=2, max_steps=STEPS, weight_decay=0.1, grad_clip=1.0)
+from mtnlg.checkpoint import find_latest
+from mtnlg.config import Config, ModelConfig, ParallelConfig, load_config
+from mtnlg.errors import MtnlgError
+from mtnlg.model.gpt import GPT
+from mtnlg.parallel.layout import ParallelDims, stage_layers
+from mtnlg.parallel.pipeline import build_stage
+from mtnlg.train.metrics import read_metrics
+from mtnlg.train.trainer import Trainer
+from spawn import spawn
 
 
 # -- configuration and layout checks (one process) ------------------------------------------------
@@ -49,7 +52,6 @@ def test_parallel_config_defaults_and_sections(tmp_path):
         (dict(tp=0), "parallel.tp must be a positive integer, got 0"),
         (dict(dp_shard=-1), "parallel.dp_shard must be a positive integer"),
         (dict(pp_schedule="zb"), "parallel.pp_schedule is 'zb'; choose one of: gpipe, 1f1b, interleaved-1f1b"),
-        (dict(pp=2, microbatches=3), r"parallel.microbatches \(3\) must be a multiple of parallel.pp \(2\)"),
         (dict(activation_checkpointing="some"), "parallel.activation_checkpointing is 'some'; choose one of: none, selective, full"),
     ],
 )
@@ -58,13 +60,25 @@ def test_invalid_parallel_config(kwargs, message):
         ParallelConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (dict(pp=4, microbatches=3), r"parallel.microbatches \(3\) is fewer than the 4 pipeline stages, which 1f1b needs"),
+        (dict(pp=4, microbatches=11, pp_schedule="interleaved-1f1b"), r"does not split into 2 equal rounds"),
+    ],
+)
+def test_microbatches_the_schedules_refuse(layout, message):
+    with pytest.raises(MtnlgError, match=message):
+        ParallelDims(ParallelConfig(**layout), world_size=4)
+    ParallelDims(ParallelConfig(**{**layout, "pp_schedule": "gpipe", "microbatches": 3}), world_size=4)
+    ParallelDims(ParallelConfig(pp=35, microbatches=120), world_size=35)  # MT-NLG: 120 micro-batches on 35 stages
+
+
 def test_world_size_mismatch():
     with pytest.raises(MtnlgError, match=r"tp 2 x pp 1 x dp_shard 2 x dp_replicate 1 = 4, but 2 processes are running"):
         ParallelDims(ParallelConfig(tp=2, dp_shard=2), world_size=2)
     with pytest.raises(MtnlgError, match="= 2, but 1 process is running"):
         ParallelDims(ParallelConfig(dp_replicate=2), world_size=1)
-    with pytest.raises(MtnlgError, match=r"parallel.dp_replicate \(2\) with parallel.tp \(2\) needs parallel.dp_shard > 1"):
-        ParallelDims(ParallelConfig(tp=2, dp_replicate=2), world_size=4)
 
 
 @pytest.mark.parametrize(
@@ -138,155 +152,130 @@ def test_stages_compose_to_the_whole_model(model_name):
 
 
 def test_whole_model_with_pipeline_layout_is_refused():
+    from mtnlg.hardware import Precision
     from mtnlg.parallel.parallelize import parallelize
 
     dims = ParallelDims(ParallelConfig(pp=2, microbatches=2), world_size=2)
     with pytest.raises(MtnlgError, match="parallel.pp is 2: build the model with mtnlg.parallel.pipeline.Pipeline"):
-        parallelize(GPT(ModelConfig.from_name("tiny")), dims, mesh=None)
+        parallelize(GPT(ModelConfig.from_name("tiny")), dims, None, Precision.for_training("fp32", torch.device("cpu")))
 
 
-# -- parity with one process (2 and 4 gloo processes) ---------------------------------------------
+# -- parity with one process (2 and 4 gloo processes), through the real Trainer ---------------------
 
 
-def _batches(vocab: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, min(vocab, 32), (STEPS, BATCH, SEQ + 1), generator=g)  # learnable: few tokens used
-
-
-def _model_config(model: str) -> ModelConfig:
-    """A preset name, optionally with a layer count: "tiny" or "tiny:4"."""
+def _parity_config(tiny_config, run_dir, layout: dict, model: str, *extra: str):
+    """10 AdamW steps of 4 samples, evaluated at steps 5 and 10. The micro-batch is one sample, so a pipeline
+    runs a data-parallel rank's slice as that many micro-batches; model is "tiny", "llama-tiny" or "tiny:4"
+    (a layer count)."""
     name, _, n_layer = model.partition(":")
-    return ModelConfig.from_name(name, **({"n_layer": int(n_layer)} if n_layer else {}))
+    per_rank = 4 // (layout.get("dp_shard", 1) * layout.get("dp_replicate", 1))
+    return tiny_config(
+        f"--model.preset={name}", *([f"--model.n_layer={n_layer}"] if n_layer else []),
+        "--train.max_steps=10", "--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.lr=1e-2",
+        "--train.warmup_steps=2", "--train.weight_decay=0.1", "--train.grad_clip=1.0", "--train.eval_interval=5",
+        "--train.eval_batches=1", "--train.save_interval=0", "--train.log_interval=1",
+        *(f"--parallel.{k}={v}" for k, v in layout.items()), f"--parallel.microbatches={per_rank}", *extra,
+        out_dir=run_dir,
+    )
 
 
-def _reference(model_name: str):
-    torch.manual_seed(0)
-    model = GPT(_model_config(model_name))
-    tc = TrainConfig(**TRAIN)
-    opt = build_optimizer(model, tc)
-    losses, batches = [], _batches(model.cfg.vocab_size)
-    for step, batch in enumerate(batches):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step == EVAL_AFTER:
-            with torch.no_grad():
-                eval_loss = cross_entropy(model(batches[0, :, :-1]), batches[0, :, 1:])
-    return losses, eval_loss.item(), {k: v.detach().clone() for k, v in model.named_parameters()}
+def _full_weights(modules) -> dict[str, torch.Tensor]:
+    """The whole value of every parameter this rank holds (a collective over its tp/dp peers for DTensors)."""
+    from mtnlg.parallel import whole
+
+    return {k: whole(v).detach().clone() for m in modules for k, v in m.named_parameters()}
 
 
-def _worker(rank: int, world: int, layout: dict, model_name: str, out: str) -> None:
+def _train_recording_initial_weights(rank: int, config, out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
 
-    from mtnlg.parallel.parallelize import clip_grad_norm_, loss_context, parallel_loss, parallelize
-    from mtnlg.parallel.pipeline import Pipeline
-
-    dist.init_process_group("gloo")
-    dims = ParallelDims(ParallelConfig(**layout), world)
-    mesh = dims.build_mesh("cpu")
-    torch.manual_seed(0)  # same init on every rank, before sharding
-    model = GPT(_model_config(model_name))
-    pipeline = Pipeline(model, dims, mesh) if dims.pp > 1 else None
-    modules = pipeline.stages if pipeline else [parallelize(model, dims, mesh)]
-    tc = TrainConfig(**TRAIN)
-    opt = build_optimizer(pipeline.parameters() if pipeline else model, tc)
-    rows = dims.batch_slice(BATCH, rank)
-    if pipeline:  # a batch that does not cut into the micro-batches is refused before any communication
-        with pytest.raises(MtnlgError, match=r"batch of 1 samples does not split into parallel.microbatches"):
-            pipeline.step(torch.zeros(1, SEQ, dtype=torch.long), torch.zeros(1, SEQ, dtype=torch.long))
-    losses, eval_loss = [], None
-    for step, batch in enumerate(_batches(model.cfg.vocab_size)):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        batch = batch[rows]
-        if pipeline:
-            loss = pipeline.step(batch[:, :-1], batch[:, 1:])  # every pipeline rank gets its batch's loss
-            pipeline.clip_grad_norm_(tc.grad_clip)
-        else:
-            logits = model(batch[:, :-1])
-            with loss_context(logits):
-                loss = parallel_loss(logits, batch[:, 1:])
-                loss.backward()
-            clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        mean = (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().clone()
-        dist.all_reduce(mean)  # every tp/pp rank holds its slice's loss: the mean over ranks is the dp mean
-        losses.append(mean.item() / world)
-        if pipeline and step == EVAL_AFTER:
-            first = _batches(model.cfg.vocab_size)[0, rows]
-            mean = pipeline.evaluate(first[:, :-1], first[:, 1:])
-            dist.all_reduce(mean)
-            eval_loss = mean.item() / world
-    weights = {  # this rank's stage(s), or the whole model
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-        for module in modules
-        for k, v in module.named_parameters()
-    }
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(weights, gathered, dst=0)
+    trainer = Trainer(config)
+    initial = _full_weights(trainer.parts.modules)
+    gathered = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(initial, gathered, dst=0)
     if rank == 0:
-        weights = {k: v for w in gathered for k, v in w.items()}
-        torch.save({"losses": losses, "eval_loss": eval_loss, "weights": weights}, out)
+        torch.save({k: v for w in gathered for k, v in w.items()}, out)
+    trainer.fit()
 
 
-_REFERENCES: dict[str, tuple] = {}
+def _results(run_dir, initial: dict) -> dict:
+    records = read_metrics(run_dir)
+    final = find_latest(run_dir / "checkpoints") / "model.safetensors"
+    return {
+        "losses": {r["step"]: r["loss"] for r in records if "loss" in r},
+        "val": {r["step"]: r["val_loss"] for r in records if "val_loss" in r},
+        "initial": initial,
+        "weights": safetensors.torch.load_file(final),
+    }
 
 
-def _check_parity(tmp_path, layout: dict, model_name: str = "tiny") -> None:
-    world = ParallelConfig(**layout).world_size
-    out = str(tmp_path / "result.pt")
-    spawn(_worker, world, world, layout, model_name, out)
-    got = torch.load(out)
-    if model_name not in _REFERENCES:
-        _REFERENCES[model_name] = _reference(model_name)
-    ref_losses, ref_eval_loss, ref_weights = _REFERENCES[model_name]
-    if "lm_head.weight" not in ref_weights and "lm_head.weight" in got["weights"]:
-        # a pipeline's last stage holds the tied embedding as lm_head.weight: it must stay equal to tok_emb
-        assert torch.equal(got["weights"].pop("lm_head.weight"), got["weights"]["tok_emb.weight"])
-    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], ref_losses))
+_REFERENCES: dict[str, dict] = {}
+
+
+def _reference(tiny_config, tmp_path_factory, model: str) -> dict:
+    if model not in _REFERENCES:
+        run_dir = tmp_path_factory.mktemp("reference")
+        trainer = Trainer(_parity_config(tiny_config, run_dir, {}, model))
+        initial = _full_weights(trainer.parts.modules)
+        trainer.fit()
+        _REFERENCES[model] = _results(run_dir, initial)
+    return _REFERENCES[model]
+
+
+def _check_parity(tiny_config, tmp_path, tmp_path_factory, layout: dict, model: str = "tiny", val_rtol: float = 1e-5):
+    """The layout's losses, validation losses and final weights against one process's; its initial weights
+    bit for bit."""
+    world = math.prod(layout.get(k, 1) for k in ("tp", "pp", "dp_shard", "dp_replicate"))
+    run_dir = tmp_path / "run"
+    spawn(_train_recording_initial_weights, world, _parity_config(tiny_config, run_dir, layout, model),
+          str(tmp_path / "initial.pt"))
+    got = _results(run_dir, torch.load(tmp_path / "initial.pt"))
+    want = _reference(tiny_config, tmp_path_factory, model)
+    if "lm_head.weight" in got["initial"] and "lm_head.weight" not in want["initial"]:
+        # a pipeline's last stage holds the tied embedding as lm_head.weight: it starts as the embedding
+        assert torch.equal(got["initial"].pop("lm_head.weight"), got["initial"]["tok_emb.weight"])
+    assert got["initial"].keys() == want["initial"].keys()
+    assert all(torch.equal(got["initial"][k], v) for k, v in want["initial"].items())
+    loss_diff = max(abs(got["losses"][s] - v) / v for s, v in want["losses"].items())
+    val_diff = max(abs(got["val"][s] - v) / v for s, v in want["val"].items())
     # The key bias gets an exactly-zero gradient in exact arithmetic (it shifts every score of a query by
     # the same amount), so AdamW turns float rounding noise into full-size steps: not comparable.
     weight_diff = max(
-        (got["weights"][k] - v).abs().max().item() for k, v in ref_weights.items() if not k.endswith("k_proj.bias")
+        (got["weights"][k] - v).abs().max().item() for k, v in want["weights"].items() if not k.endswith("k_proj.bias")
     )
-    print(f"{layout} {model_name}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
-    assert set(got["weights"]) == set(ref_weights)
-    assert loss_diff < 1e-5, (got["losses"], ref_losses)
-    if got["eval_loss"] is not None:
-        assert abs(got["eval_loss"] - ref_eval_loss) / ref_eval_loss < 1e-5, (got["eval_loss"], ref_eval_loss)
-    assert weight_diff < 1e-4
-    assert ref_losses[-1] < ref_losses[0]  # it trained
+    print(f"{layout} {model}: relative loss diff {loss_diff:.1e}, validation {val_diff:.1e}, weights {weight_diff:.1e}")
+    assert got["losses"].keys() == want["losses"].keys() == set(range(1, 11)) and got["val"].keys() == {5, 10}
+    assert loss_diff < 1e-5 and val_diff < val_rtol and weight_diff < 1e-4
+    assert want["losses"][10] < want["losses"][1]  # it trained
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["tiny", "llama-tiny"])
-def test_tensor_parallel_matches_one_process(tmp_path, model_name):
-    _check_parity(tmp_path, dict(tp=2, sequence_parallel=True), model_name)
+def test_tensor_parallel_matches_one_process(tiny_config, tmp_path, tmp_path_factory, model_name):
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(tp=2, sequence_parallel=True), model_name, val_rtol=1e-6)
 
 
 @pytest.mark.slow
-def test_tensor_parallel_without_sequence_parallel(tmp_path):
-    _check_parity(tmp_path, dict(tp=2, sequence_parallel=False), "llama-tiny")
+def test_tensor_parallel_without_sequence_parallel(tiny_config, tmp_path, tmp_path_factory):
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(tp=2, sequence_parallel=False), "llama-tiny")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "layout", [dict(dp_replicate=2), dict(dp_shard=2), dict(dp_replicate=2, dp_shard=2)], ids=["ddp", "fsdp", "hsdp"]
 )
-def test_data_parallel_matches_one_process(tmp_path, layout):
-    _check_parity(tmp_path, layout)
+def test_data_parallel_matches_one_process(tiny_config, tmp_path, tmp_path_factory, layout):
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, layout, val_rtol=1e-6)
 
 
 @pytest.mark.slow
-def test_tensor_parallel_with_fsdp_on_four_processes(tmp_path):
-    _check_parity(tmp_path, dict(tp=2, dp_shard=2), "tiny")  # tied embeddings + learned positions + biases
+def test_tensor_parallel_with_replicas_on_four_processes(tiny_config, tmp_path, tmp_path_factory):
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(tp=2, dp_replicate=2), "llama-tiny")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_fsdp_on_four_processes(tiny_config, tmp_path, tmp_path_factory):
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(tp=2, dp_shard=2), "tiny")  # tied embeddings + learned positions + biases
 
 
 @pytest.mark.slow
@@ -294,14 +283,14 @@ def test_tensor_parallel_with_fsdp_on_four_processes(tmp_path):
     "schedule, model_name",
     [("gpipe", "tiny"), ("1f1b", "tiny"), ("interleaved-1f1b", "tiny:4")],  # interleaved: 2 stages per rank
 )
-def test_pipeline_matches_one_process(tmp_path, schedule, model_name):
-    _check_parity(tmp_path, dict(pp=2, pp_schedule=schedule, microbatches=4), model_name)
+def test_pipeline_matches_one_process(tiny_config, tmp_path, tmp_path_factory, schedule, model_name):
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(pp=2, pp_schedule=schedule), model_name, val_rtol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dp", [dict(dp_shard=2), dict(dp_replicate=2)], ids=["fsdp", "ddp"])
-def test_pipeline_with_data_parallel_on_four_processes(tmp_path, dp):
-    _check_parity(tmp_path, dict(pp=2, microbatches=2, **dp), "tiny")
+def test_pipeline_with_data_parallel_on_four_processes(tiny_config, tmp_path, tmp_path_factory, dp):
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(pp=2, **dp), "tiny")
 
 
 @pytest.mark.slow
@@ -309,6 +298,6 @@ def test_pipeline_with_data_parallel_on_four_processes(tmp_path, dp):
     "schedule, model_name",
     [("1f1b", "llama-tiny"), ("interleaved-1f1b", "tiny:4")],  # rotary positions; tied vocab-parallel embedding
 )
-def test_pipeline_with_tensor_parallel_on_four_processes(tmp_path, schedule, model_name):
+def test_pipeline_with_tensor_parallel_on_four_processes(tiny_config, tmp_path, tmp_path_factory, schedule, model_name):
     # sequence parallel: each tp rank sends its sequence shard to the next stage
-    _check_parity(tmp_path, dict(tp=2, pp=2, pp_schedule=schedule, microbatches=2), model_name)
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(tp=2, pp=2, pp_schedule=schedule), model_name)

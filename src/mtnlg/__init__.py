@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from mtnlg.defaults import BATCH_SIZE
 
-from mtnlg.inference.generate import BATCH_SIZE
+if TYPE_CHECKING:  # torch loads with the first model, so that `mtnlg --help` and `mtnlg plan` run without it
+    import torch
 
 __version__ = "0.1.0"
 
@@ -62,15 +63,17 @@ def load(path: str | Path, device: str | torch.device | None = None, tp: int = 1
 
     dtype "bf16" keeps the matrix weights in bf16: a decode step reads half the bytes (about 1.6x as fast
     on CPU), and the numbers differ from fp32 at bf16's precision. "auto" (the default) takes bf16 where
-    the device computes it natively and fp32 elsewhere (`mtnlg.hardware.inference_dtype`); on CPU with
+    the device computes it natively and fp32 elsewhere (`mtnlg.hardware.Precision`); on CPU with
     tp > 1 that is fp32, since the shards do not take the packed bf16 path.
     """
-    from mtnlg.hardware import inference_dtype, keep_freed_memory
+    import torch
+
+    from mtnlg.checkpoint import load_model
+    from mtnlg.hardware import Precision, keep_freed_memory
     from mtnlg.inference.cpu import pack_for_cpu_inference
-    from mtnlg.train.checkpoint import load_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    weights = inference_dtype(dtype, device, packed=tp == 1)
+    weights = Precision.for_inference(dtype, device, packed=tp == 1).param
     if tp != 1:  # packing is for plain weights; these are sharded DTensors
         from mtnlg.inference.distributed import load_tensor_parallel
 

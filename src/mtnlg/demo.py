@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import mtnlg
 from mtnlg.config import load_config
@@ -116,8 +115,7 @@ def evaluate_against_random_init(model: mtnlg.LanguageModel, task_path: Path) ->
     """The trained model's scores beside those of an untrained one of the same shape (its weights as
     training starts them): what training taught, measured."""
     task = load_task(str(task_path))
-    torch.manual_seed(model.config.train.seed)  # as the Trainer seeds it
-    untrained = GPT(model.config.model).eval()
+    untrained = GPT(model.config.model, seed=model.config.train.seed).eval()
     for name, net in (("trained", model.model), ("random init", untrained)):
         result = evaluate(ModelScorer(net, model.tokenizer), model.tokenizer, [task], Options(progress=False))
         print(f"  {name}:")

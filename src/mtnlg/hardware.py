@@ -160,3 +160,36 @@ def inference_dtype(name: str, device: torch.device, packed: bool = True) -> tor
                              "use --dtype fp32, or auto to pick the fastest this CPU supports")
         native = device.type == "cpu" and cpu.bf16 and packed
     return torch.bfloat16 if name == "bf16" or (name == "auto" and native) else torch.float32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A run's one precision decision: the dtype parameters are kept in, the dtype products run in, the dtype
+    gradients are reduced in. Training keeps fp32 parameters and computes in bf16 under autocast (or, for
+    FSDP, in the bf16 copies its gathers make); inference keeps and computes in one dtype."""
+
+    param: torch.dtype
+    compute: torch.dtype
+    device_type: str
+    reduce: torch.dtype = torch.float32
+
+    @classmethod
+    def for_training(cls, setting: str, device: torch.device) -> Precision:
+        """train.dtype: "auto" is bf16 compute on CUDA and fp32 on CPUs; "bf16" asks for it anywhere."""
+        bf16 = setting == "bf16" or (setting == "auto" and device.type == "cuda")
+        return cls(torch.float32, torch.bfloat16 if bf16 else torch.float32, device.type)
+
+    @classmethod
+    def for_inference(cls, setting: str, device: torch.device, packed: bool = True) -> Precision:
+        dtype = inference_dtype(setting, device, packed)
+        return cls(dtype, dtype, device.type)
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != self.param
+
+    def autocast(self):
+        """The context a forward runs in: autocast to the compute dtype when it differs from the parameters'."""
+        import contextlib
+
+        return torch.autocast(self.device_type, dtype=self.compute) if self.mixed else contextlib.nullcontext()

@@ -5,13 +5,12 @@ Parallelism (tensor, pipeline, data) is applied to this module from outside; kee
 
 from __future__ import annotations
 
+import hashlib
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from mtnlg.config import ModelConfig
 from mtnlg.model.kv_cache import KVCache
@@ -28,8 +27,15 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Computed, never saved: a model built on the meta device recomputes them once it has memory."""
+        with torch.device(self.inv_freq.device):
+            exponents = torch.arange(0, self.cfg.head_dim, 2, dtype=torch.float32) / self.cfg.head_dim
+        self.inv_freq.copy_(1.0 / self.cfg.rope_theta**exponents)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [batch, heads, seq, head_dim]; positions: [seq] or [batch, seq]."""
@@ -116,10 +122,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
+        """seed: of the initial weights (see `init_weights`); None draws one from torch's global RNG."""
         super().__init__()
         self.cfg = cfg
-        self.recompute = "none"  # activation checkpointing during training: none | selective | full
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.emb_dropout = nn.Dropout(cfg.dropout)
@@ -129,19 +135,46 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.reset_parameters()
+        if self.tok_emb.weight.device.type != "meta":  # on meta, the layout's materialize initializes
+            self.init_weights(int(torch.randint(2**62, ())) if seed is None else seed)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """MT-NLG init: N(0, sqrt(1/(3h))) everywhere, residual output projections scaled by 1/sqrt(2L)."""
-        std = self.cfg.init_std
+    def init_weights(self, seed: int) -> None:
+        """Every parameter from `initial_value`."""
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, std=std)
+            p.copy_(self.initial_value(name, seed))
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
+        """nn.Module's (memory for a model built on the meta device, values unset), keeping a tied embedding
+        one tensor and recomputing the buffers no checkpoint holds."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
+            self.lm_head.weight = self.tok_emb.weight  # each module was given its own tensor: tie them again
+        self.reset_buffers()
+        return self
+
+    def reset_buffers(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.reset_buffers()
+
+    def initial_value(self, name: str, seed: int) -> torch.Tensor:
+        """Parameter `name`'s initial value, whole and on the CPU, drawn from (seed, name) alone: a layout that
+        shards or drops parameters takes its pieces of the same values, so every layout starts identical.
+
+        MT-NLG init: N(0, sqrt(1/(3h))) everywhere, residual output projections scaled by 1/sqrt(2L); norm
+        scales 1, biases 0."""
+        shape = self.get_parameter(name).shape  # a DTensor's shape is the whole parameter's
+        if self.cfg.tie_embeddings and name == "lm_head.weight":
+            name = "tok_emb.weight"  # a pipeline's last stage holds a copy of the tied embedding
+        if len(shape) == 1:
+            return torch.ones(shape, device="cpu") if name.endswith("norm.weight") else torch.zeros(shape, device="cpu")
+        std = self.cfg.init_std
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            std /= math.sqrt(2 * self.cfg.n_layer)
+        digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return torch.empty(shape, device="cpu").normal_(std=std, generator=generator)
 
     def forward(
         self,
@@ -173,10 +206,7 @@ class GPT(nn.Module):
             x = self.emb_dropout(x)
         mask = cache.causal_mask() if cache is not None else None
         for block in self.blocks.values():
-            if self.training and self.recompute != "none":
-                x = checkpoint(block, x, positions, use_reentrant=False, context_fn=_RECOMPUTE[self.recompute])
-            else:
-                x = block(x, positions, mask, cache)
+            x = block(x, positions, mask, cache)
         if last_only:
             x = cache.last(x) if cache is not None else x[:, -1:]
         if cache is not None:
@@ -185,24 +215,6 @@ class GPT(nn.Module):
             return x
         x = self.norm(x)
         return x if hidden else self.lm_head(x)
-
-
-# Selective recompute keeps the outputs that cost FLOPs (matmuls, attention) and recomputes the cheap,
-# memory-hungry rest (norms, activation functions, dropout, residual adds) during backward.
-_COSTLY = {
-    getattr(torch.ops.aten, name).default
-    for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
-    if hasattr(torch.ops.aten, name)
-}
-
-
-def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _COSTLY else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-# Full recompute keeps only each block's input.
-_RECOMPUTE = {"full": noop_context_fn, "selective": partial(create_selective_checkpoint_contexts, _keep_costly)}
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Apply tensor, sequence and data parallelism to the one GPT model from outside, with literal plans.
+"""Apply the layout to the one GPT model from outside, with literal plans: tensor and sequence parallelism,
+activation checkpointing, the compute precision, data parallelism; then give it memory and its weights.
 
-Order matters and follows torchtitan: tensor parallel first (DTensor `parallelize_module`), then
-FSDP2 `fully_shard` per block and at the root (dp_shard, HSDP when dp_replicate is also > 1), or
-DDP via composable `replicate` when dp_replicate is the only data-parallel dim.
+Order matters and follows torchtitan: the model is built on the meta device; tensor parallel first (DTensor
+`parallelize_module`), activation checkpointing per block, then FSDP2 `fully_shard` per block and at the
+root (dp_shard, HSDP when dp_replicate is also > 1), or FSDP2's `replicate` when dp_replicate is the only
+data-parallel dim; last, `materialize` allocates this rank's shards and initializes them.
 
 Tensor parallel, Megatron style (per block):
   attn_norm, mlp_norm   SequenceParallel (sequence-sharded; all-gather before, reduce-scatter after)
@@ -21,6 +23,7 @@ Tied embeddings work because both the row-wise embedding and the col-wise head s
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterable
 
 import torch
@@ -28,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -40,9 +43,12 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+
 from mtnlg.errors import MtnlgError
+from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT, cross_entropy
-from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.layout import ParallelDims
 
 
 class ReplicateParallel(ParallelStyle):
@@ -126,13 +132,55 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2: one all-gather/reduce-scatter unit per block, and the root (embeddings, norm, head). With
-    `param_dtype` (bf16 on GPUs) parameters are gathered and computed in it while the sharded master
-    weights, the optimizer and the gradient reduction stay fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+# Selective recompute keeps the outputs that cost FLOPs (matmuls, attention) and recomputes the cheap,
+# memory-hungry rest (norms, activation functions, dropout, residual adds) during backward.
+_COSTLY = {
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)
+}
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+
+def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _COSTLY else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Full recompute keeps only each block's input.
+_RECOMPUTE = {"full": noop_context_fn, "selective": functools.partial(create_selective_checkpoint_contexts, _keep_costly)}
+
+
+def apply_ac(model: GPT, mode: str) -> None:
+    """Activation checkpointing of every block (parallel.activation_checkpointing: selective or full), by
+    hooks that leave the module tree and its parameter names as they are."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.blocks.values():
+        checkpoint(block, context_fn=_RECOMPUTE[mode])
+
+
+def apply_precision(model: GPT, precision: Precision) -> None:
+    """Run the model's forward under the precision's autocast: every layout computes in the same dtype, the
+    pipeline's stages included (each stage is a GPT)."""
+    if not precision.mixed:
+        return
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_in_compute_dtype(*args, **kwargs):
+        with precision.autocast():
+            return forward(*args, **kwargs)
+
+    model.forward = forward_in_compute_dtype
+
+
+def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: Precision) -> None:
+    """FSDP2: one all-gather/reduce-scatter unit per block, and the root (embeddings, norm, head). With a
+    bf16 compute dtype, parameters are gathered and computed in it while the sharded master weights, the
+    optimizer and the gradient reduction stay in theirs."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = _mixed_precision_policy(precision)
     n = len(model.blocks)
     for i, block in enumerate(model.blocks.values()):
         # The last block's parameters are needed again at once by backward: keep them gathered.
@@ -140,26 +188,29 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None 
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
-def apply_ddp(model: GPT, dp_mesh: DeviceMesh, pipeline_stage: bool = False) -> None:
-    """Plain data parallel with gradient all-reduce, keeping the module a GPT (composable `replicate`).
+def _mixed_precision_policy(precision: Precision):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    A pipeline stage runs a backward per micro-batch and must all-reduce once, after the last; DDP's
-    reducer cannot be told so from outside, so stages use the FSDP2-based `replicate`, which the
-    pipeline schedule drives as it drives FSDP."""
-    if pipeline_stage:
-        from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_stage
-
-        replicate_stage(model, mesh=dp_mesh)
-        return
-    from torch.distributed._composable.replicate import replicate
-
-    replicate(model, device_mesh=dp_mesh, bucket_cap_mb=100)
+    if not precision.mixed:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=precision.reduce)
 
 
-def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> GPT:
-    """Apply the tensor and data parallel layout in `dims` to `model` (built with the same seed on every
-    rank), in place; returns it. With parallel.pp > 1, `model` is one pipeline stage (mtnlg.parallel.pipeline
-    cuts the model and calls this for each stage)."""
+def apply_ddp(model: GPT, dp_mesh: DeviceMesh, precision: Precision) -> None:
+    """Plain data parallel: whole weights on every replica, gradients all-reduced once per step.
+
+    FSDP2's `replicate` rather than DDP's reducer: it composes with tensor parallelism (DTensor parameters),
+    is told from outside when to synchronise (after a step's last micro-batch, pipeline schedules
+    included), and takes the same mixed-precision policy as FSDP."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    replicate(model, mesh=dp_mesh, mp_policy=_mixed_precision_policy(precision))
+
+
+def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, precision: Precision) -> GPT:
+    """Apply the layout in `dims` to `model` (best built on the meta device, then `materialize`d), in place;
+    returns it. With parallel.pp > 1, `model` is one pipeline stage (mtnlg.parallel.pipeline cuts the model
+    and calls this for each stage). `mesh` is None for a single process."""
     dims.validate_model(model.cfg)
     if dims.pp > 1 and len(model.blocks) == model.cfg.n_layer:
         raise MtnlgError(
@@ -168,11 +219,29 @@ def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh, param_dtype: t
         )
     if dims.tp_enabled:
         apply_tp(model, mesh["tp"], dims.sequence_parallel)
+    if dims.cfg.activation_checkpointing != "none":
+        apply_ac(model, dims.cfg.activation_checkpointing)
+    apply_precision(model, precision)
     if dims.dp_shard > 1:
         dp_names = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
-        apply_fsdp(model, mesh[dp_names], param_dtype)
-    elif dims.dp_replicate > 1:  # ParallelDims refused dp_replicate with tp unless dp_shard > 1
-        apply_ddp(model, mesh["dp_replicate"], pipeline_stage=dims.pp > 1)
+        apply_fsdp(model, mesh[dp_names], precision)
+    elif dims.dp_replicate > 1:
+        apply_ddp(model, mesh["dp_replicate"], precision)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: GPT, device: torch.device, seed: int) -> GPT:
+    """Memory on `device` and initial weights for a model built on the meta device and laid out: each
+    parameter's whole value is drawn from (seed, name) and this rank keeps its piece, so a rank holds its
+    shards plus one whole parameter at a time, and every layout starts from the same weights."""
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        value = model.initial_value(name, seed)
+        if isinstance(param, DTensor):
+            value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param = param.to_local()
+        param.copy_(value)
     return model
 
 

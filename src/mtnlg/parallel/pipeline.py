@@ -1,8 +1,9 @@
 """Pipeline parallelism: cut the one GPT into stages and run them with `torch.distributed.pipelining`.
 
-Every rank builds the whole model from the same seed and keeps the stages it runs. A stage is the same
-GPT with the parts it does not own removed (see `GPT.forward`), so parameter names stay those of the
-whole model; `parallelize` then applies tensor and data parallelism to each stage as to a whole model.
+Every rank builds the whole model on the meta device (no memory) and keeps the stages it runs. A stage is
+the same GPT with the parts it does not own removed (see `GPT.forward`), so parameter names stay those of
+the whole model; `parallelize` then applies the layout to each stage as to a whole model, and `materialize`
+gives the stage memory and the weights the whole model would have had.
 
 The split: `pp * v` stages, v = 2 for interleaved-1f1b (virtual stages) and 1 otherwise. Stages take
 contiguous blocks, as equal as can be; when the blocks do not divide evenly the earlier stages take one
@@ -20,7 +21,7 @@ micro-batches (scale_grads), so they are the gradients of the mean loss over the
 process (data parallelism's mean over ranks does the rest).
 
 Tied embeddings: the first stage holds `tok_emb.weight`, the last stage `lm_head.weight`, equal at the
-start because every rank builds the model from the same seed. After each step's backward their gradients
+start because the last stage initializes its copy as the embedding (`GPT.initial_value`). After each step's backward their gradients
 are summed over a two-rank group (the first and last pipeline rank of one data/tensor-parallel
 coordinate), so the optimizer makes the same update on both and they stay equal.
 """
@@ -38,29 +39,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.tensor import DTensor
 
 from mtnlg.errors import MtnlgError
+from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
-from mtnlg.parallel.dims import ParallelDims
-from mtnlg.parallel.parallelize import clip_grad_norm_, loss_parallel_scope, parallel_loss, parallelize
-
-STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2}
-
-
-def stage_layers(n_layer: int, pp: int, schedule: str) -> list[range]:
-    """The blocks of each of the `pp * v` stages: contiguous, balanced, earlier stages one more if uneven."""
-    n_stages = pp * STAGES_PER_RANK[schedule]
-    if n_layer < n_stages:
-        raise MtnlgError(
-            f"model.n_layer ({n_layer}) is fewer than the {n_stages} pipeline stages of parallel.pp {pp} with "
-            f"{schedule}; every stage needs at least one block, so use at least {n_stages} layers or a smaller "
-            "parallel.pp" + (" or another parallel.pp_schedule" if n_stages > pp else "")
-        )
-    size, extra = divmod(n_layer, n_stages)
-    bounds = [0]
-    for s in range(n_stages):
-        bounds.append(bounds[-1] + size + (s < extra))
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
-
+from mtnlg.parallel.layout import ParallelDims, stage_layers
+from mtnlg.parallel.parallelize import clip_grad_norm_, loss_parallel_scope, materialize, parallel_loss, parallelize
 
 def build_stage(model: GPT, layers: range, first: bool, last: bool) -> GPT:
     """A copy of `model` with only `layers`' blocks, the embeddings if `first`, the norm and head if `last`."""
@@ -74,14 +57,16 @@ def build_stage(model: GPT, layers: range, first: bool, last: bool) -> GPT:
 
 
 class Pipeline:
-    """This rank's pipeline stages (`stages`, GPT modules) and the schedule that trains them (parallel.pp > 1).
+    """This rank's pipeline stages (`modules`, GPT modules) and the schedule that trains them (parallel.pp > 1).
 
-    `model` is left as it was: the stages are pruned copies, so drop it once the pipeline exists. Per
-    step: `step(inputs, targets)`, `clip_grad_norm_(max_norm)`, then an optimizer over `parameters()`.
+    `model`, built on the meta device, is left as it was: the stages are pruned copies. Per step:
+    `step(inputs, targets)`, `clip_grad_norm_(max_norm)`, then the optimizers of the `modules`.
     `is_first` / `is_last`: whether this rank runs the first stage (embeddings) / the last (head, loss).
     """
 
-    def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh, param_dtype: torch.dtype | None = None):
+    def __init__(
+        self, model: GPT, dims: ParallelDims, mesh: DeviceMesh, device: torch.device, precision: Precision, seed: int
+    ):
         cfg = dims.cfg
         layers = stage_layers(model.cfg.n_layer, cfg.pp, cfg.pp_schedule)
         n_stages = len(layers)
@@ -89,15 +74,16 @@ class Pipeline:
         self.pp_group = mesh["pp"].get_group()
         pp_rank = mesh["pp"].get_local_rank()
         self.stage_ids = list(range(pp_rank, n_stages, cfg.pp))
-        self.stages = [
-            parallelize(build_stage(model, layers[s], s == 0, s == n_stages - 1), dims, mesh, param_dtype)
+        self.modules = [
+            materialize(
+                parallelize(build_stage(model, layers[s], s == 0, s == n_stages - 1), dims, mesh, precision), device, seed
+            )
             for s in self.stage_ids
         ]
         self.is_first, self.is_last = pp_rank == 0, pp_rank == cfg.pp - 1
-        device = next(model.parameters()).device
         pipeline_stages = [
             PipelineStage(stage, s, n_stages, device, group=self.pp_group)
-            for s, stage in zip(self.stage_ids, self.stages)
+            for s, stage in zip(self.stage_ids, self.modules)
         ]
         if cfg.pp_schedule == "interleaved-1f1b":
             self.schedule = ScheduleInterleaved1F1B(pipeline_stages, cfg.microbatches, loss_fn=parallel_loss)
@@ -124,11 +110,11 @@ class Pipeline:
         """The tied embedding as this rank holds it: tok_emb on the first stage, lm_head on the last."""
         if self.tied_group is None:
             return None
-        return self.stages[0].tok_emb.weight if self.is_first else self.stages[-1].lm_head.weight
+        return self.modules[0].tok_emb.weight if self.is_first else self.modules[-1].lm_head.weight
 
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter of this rank's stages (the tied embedding on both its first and last rank)."""
-        return [p for stage in self.stages for p in stage.parameters()]
+        return [p for stage in self.modules for p in stage.parameters()]
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward of this data-parallel rank's batch, in `parallel.microbatches` micro-batches,

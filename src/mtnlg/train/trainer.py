@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
@@ -18,17 +17,15 @@ from mtnlg.config import Config
 from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
 from mtnlg.eval.harness import Options, plan, run
-from mtnlg.eval.scoring import RowScorer, token_scores
+from mtnlg.eval.scoring import RowScorer
 from mtnlg.eval.tasks import Task, load_task
-from mtnlg.hardware import keep_freed_memory
+from mtnlg.hardware import Precision, keep_freed_memory
 from mtnlg.model.flops import model_size, peak_flops
-from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
 from mtnlg.parallel.launch import init_distributed
-from mtnlg.parallel.parallelize import clip_grad_norm_, loss_context, parallel_loss, parallelize
-from mtnlg.parallel.pipeline import Pipeline
+from mtnlg.parallel.layout import check_pipeline_batch
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.checkpoint import (
+from mtnlg.checkpoint import (
     find_latest,
     load_config_file,
     load_training_checkpoint,
@@ -38,7 +35,8 @@ from mtnlg.train.checkpoint import (
     save_training_checkpoint,
 )
 from mtnlg.train.metrics import MetricsLogger
-from mtnlg.train.optim import batch_size_at, build_optimizer, lr_at
+from mtnlg.train.optim import batch_size_at, lr_at
+from mtnlg.train.parts import ModelParts
 
 
 @dataclass
@@ -72,10 +70,8 @@ class Trainer:
         for batch_size in _ramp(tc):
             self.dims.validate_batch(batch_size, tc.micro_batch_size)
         if self.dims.pp > 1:
-            _check_pipeline(config, self.dims.dp_size)
-        bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
-        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            check_pipeline_batch(config, self.dims.dp_size)
+        self.precision = Precision.for_training(tc.dtype, self.device)
 
         if self.dist.is_main:
             remove_leftovers(self.checkpoints_dir)  # of a save that was killed
@@ -91,20 +87,8 @@ class Trainer:
         self.train_data = build_dataset(tc.data, "train", seq_len, tc.seed)
         self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
 
-        torch.manual_seed(tc.seed)  # the same initial weights on every rank, before they are split
-        with torch.device(self.device):
-            model = GPT(config.model)
-        model.recompute = config.parallel.activation_checkpointing
-        # What this rank trains: the model, or its pipeline stages (pruned copies of it), each with an optimizer.
-        # FSDP computes in bf16 through its mixed-precision policy; autocast covers everything else.
-        param_dtype = torch.bfloat16 if bf16 else None
-        self.pipeline = Pipeline(model, self.dims, self.dist.mesh, param_dtype) if self.dims.pp > 1 else None
-        self.model = None if self.pipeline else model
-        if self.model is not None and self.dist.mesh is not None:
-            parallelize(self.model, self.dims, self.dist.mesh, param_dtype)
-        modules = self.pipeline.stages if self.pipeline else [self.model]
-        self.parts = [(m, build_optimizer(m, tc, fused=self.device.type == "cuda")) for m in modules]
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        torch.manual_seed(tc.seed)  # dropout; the weights are drawn per (seed, parameter name)
+        self.parts = ModelParts(config, self.dist, self.precision)
         self.loader = BatchLoader(self.train_data)
         self.step = 0
         if resume_from is not None:
@@ -146,7 +130,7 @@ class Trainer:
         return latest
 
     def _load(self, checkpoint: Path) -> None:
-        state = load_training_checkpoint(checkpoint, self.parts)
+        state = load_training_checkpoint(checkpoint, self.parts.pairs)
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
@@ -161,20 +145,20 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step) if main else None
-        peak = peak_flops(self.device, self.compute_dtype) * self.dims.cfg.world_size
+        peak = peak_flops(self.device, self.precision.compute) * self.dims.cfg.world_size
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (tc.progress and main), unit="step", dynamic_ncols=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint, val_loss, stopping = None, None, self._stopping()
         try:
             while self.step < tc.max_steps and not stopping:
                 start = time.perf_counter()
-                loss, grad_norm, batch_size = self.train_step()
+                loss, grad_norm, batch_size, lr = self.train_step()
                 elapsed = time.perf_counter() - start
                 self.step += 1
                 tokens_per_s = batch_size * self.config.model.max_seq_len / elapsed
                 record = dict(
                     loss=loss,
-                    lr=self.parts[0][1].param_groups[0]["lr"],
+                    lr=lr,
                     grad_norm=grad_norm,
                     batch_size=batch_size,
                     tokens_per_s=tokens_per_s,
@@ -207,86 +191,38 @@ class Trainer:
                 metrics.close()
         return TrainResult(self.step, val_loss, checkpoint, self.stop_signal)
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over a global batch: this rank's slice of it, in micro-batches whose gradients
-        are synchronised only after the last (the pipeline schedule runs its micro-batches itself)."""
+    def train_step(self) -> tuple[float, float, int, float]:
+        """One optimizer step over a global batch, this rank training on its slice of it; returns the loss,
+        the gradient norm, the batch size and the learning rate."""
         tc = self.config.train
         batch_size = batch_size_at(self.loader.consumed_samples, tc)
         inputs, targets = self._my_slice(*self.loader.next_batch(batch_size))
         lr = lr_at(self.step, tc)
-        for module, optimizer in self.parts:
-            module.train()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        if self.pipeline is not None:
-            loss = self.pipeline.step(inputs, targets)
-            grad_norm = self.pipeline.clip_grad_norm_(max_norm)
-        else:
-            loss = self._accumulate(inputs, targets)
-            grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
-        for _, optimizer in self.parts:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return self._mean_over_ranks(loss), float(whole(grad_norm)), batch_size
-
-    def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward and backward micro-batch by micro-batch; returns the mean loss."""
-        size = self.config.train.micro_batch_size
-        micro_batches = list(zip(inputs.split(size), targets.split(size)))
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
-            if self.dist.mesh is not None and hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            with self.autocast:
-                logits = self.forward(x)
-            with loss_context(logits):
-                loss = parallel_loss(logits, y) / len(micro_batches)
-                loss.backward()
-            total += whole(loss).detach()
-        return total
+        loss, grad_norm = self.parts.train_step(inputs, targets, lr, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        return self._mean_over_ranks(loss), float(whole(grad_norm)), batch_size, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first `eval_batches` validation batches, each of micro_batch_size samples per
-        data-parallel rank (times parallel.microbatches under a pipeline): the same tokens every time."""
+        """Mean loss over the first `eval_batches` validation batches of train.global_batch_size samples, cut
+        over the data-parallel ranks as training cuts its batches: the same samples, and the same number,
+        under every layout."""
         tc = self.config.train
-        for module, _ in self.parts:
-            module.eval()
         loader = BatchLoader(self.val_data)
         total = torch.zeros((), device=self.device)
         for _ in range(tc.eval_batches):
-            inputs, targets = self._my_slice(*loader.next_batch(self._eval_rows() * self.dims.dp_size))
-            if self.pipeline is not None:
-                total += self.pipeline.evaluate(inputs, targets) / tc.eval_batches
-                continue
-            with self.autocast:
-                logits = self.forward(inputs)
-            total += whole(parallel_loss(logits, targets)) / tc.eval_batches
+            inputs, targets = self._my_slice(*loader.next_batch(tc.global_batch_size))
+            total += self.parts.evaluate(inputs, targets) / tc.eval_batches
         return self._mean_over_ranks(total)
 
     @torch.no_grad()
     def evaluate_tasks(self) -> dict[str, float]:
         """The `[eval]` tasks on the model as this run lays it out: each data-parallel rank scores its share of
-        the documents in [rows, seq_len] batches of the validation step's size, and all get the whole result.
+        the documents in [rows, seq_len] batches of one evaluation forward, and all get the whole result.
         Keys are "task/metric" (standard errors left out)."""
-        for module, _ in self.parts:
-            module.eval()
-        scorer = RowScorer(self._token_scores, self.config.model.max_seq_len, self._eval_rows(), self.device)
+        scorer = RowScorer(self.parts.token_scores, self.config.model.max_seq_len, self.parts.eval_rows, self.device)
         ranks = (self.dims.dp_rank(self.dist.rank), self.dims.dp_size)
         results = run(scorer, self.tokenizer, self.eval_tasks, self.eval_plan, self.eval_options, ranks)
         return {f"{r.task.name}/{m}": v for r in results for m, v in r.metrics.items() if not m.endswith("_stderr")}
-
-    def _eval_rows(self) -> int:
-        """Samples per data-parallel rank in one evaluation forward (all the micro-batches of a pipeline step)."""
-        return self.config.train.micro_batch_size * (self.dims.cfg.microbatches if self.pipeline else 1)
-
-    def _token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pipeline is not None:
-            return self.pipeline.token_scores(inputs, targets)
-        with self.autocast:
-            logits = self.forward(inputs)
-        return token_scores(logits, targets)
 
     def _my_slice(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.dims.batch_slice(inputs.size(0), self.dist.rank)
@@ -315,8 +251,11 @@ class Trainer:
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        tc = self.config.train
+        consolidate = tc.consolidate == "every" or (tc.consolidate == "end" and self.step == tc.max_steps)
         checkpoint = save_training_checkpoint(
-            self.checkpoints_dir / f"step_{self.step:08d}", self.parts, self.config, self.tokenizer, state, self.dist.is_main
+            self.checkpoints_dir / f"step_{self.step:08d}", self.parts.pairs, self.config, self.tokenizer, state,
+            self.dist.is_main, consolidate=consolidate,
         )
         if self.dist.is_main:
             mark_latest(checkpoint)
@@ -348,26 +287,6 @@ def pick_device(name: str, setting: str = "--train.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise MtnlgError(f"{setting} is cuda but no CUDA GPU is visible; use {setting} cpu or auto")
     return torch.device(name)
-
-
-def _check_pipeline(config: Config, dp_size: int) -> None:
-    """A pipeline step runs each data-parallel rank's whole slice as parallel.microbatches micro-batches of
-    train.micro_batch_size: the three numbers must agree, and stay fixed (no batch-size ramp-up). Stages
-    run eagerly."""
-    tc, pc = config.train, config.parallel
-    if tc.compile:
-        raise MtnlgError("train.compile does not apply to pipeline stages; set train.compile = false or parallel.pp = 1")
-    if tc.rampup_start:
-        raise MtnlgError("batch-size ramp-up does not work with pipeline parallelism (the schedule's micro-batches "
-                         "are fixed); set train.rampup_start = 0 or parallel.pp = 1")
-    per_rank = tc.global_batch_size // dp_size
-    if per_rank != tc.micro_batch_size * pc.microbatches:
-        raise MtnlgError(
-            f"with parallel.pp > 1 each data-parallel rank's {per_rank} samples (train.global_batch_size "
-            f"{tc.global_batch_size} / {dp_size}) run as parallel.microbatches ({pc.microbatches}) micro-batches "
-            f"of train.micro_batch_size ({tc.micro_batch_size}), so they must equal their product; e.g. set "
-            f"train.global_batch_size = {tc.micro_batch_size * pc.microbatches * dp_size}"
-        )
 
 
 def _ramp(tc) -> range:
