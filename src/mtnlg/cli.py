@@ -9,10 +9,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from mtnlg.defaults import BATCH_SIZE, MAX_GEN_TOKENS, TOKEN_BUDGET
 from mtnlg.errors import MtnlgError
-from mtnlg.eval.harness import MAX_GEN_TOKENS
-from mtnlg.eval.scoring import TOKEN_BUDGET
-from mtnlg.inference.generate import BATCH_SIZE
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -49,6 +47,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mtnlg.config import load_config
+    from mtnlg.checkpoint import checkpoint_bytes
+    from mtnlg.model.flops import human
     from mtnlg.train.trainer import Trainer
 
     config = load_config(_config_path(args.config), args.overrides)
@@ -58,6 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         say(f"resuming {trainer.run_dir} from step {trainer.step} ({trainer.resumed_from})", flush=True)
     else:
         say(f"starting {trainer.run_dir} from scratch", flush=True)
+    size = human(checkpoint_bytes(config.model, consolidated=config.train.consolidate == "every"), "B")
+    say(f"each checkpoint takes about {size} in {trainer.checkpoints_dir} (train.keep_last = "
+        f"{config.train.keep_last or 'all'} kept)", flush=True)
     result = trainer.fit()
     if result.stopped_by:
         say(f"stopped by {result.stopped_by} at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
@@ -192,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import mtnlg
     from mtnlg.serve.app import Settings, create_app
-    from mtnlg.train.checkpoint import resolve_checkpoint
+    from mtnlg.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path fails here, before the server starts
     name = args.served_model_name or args.checkpoint  # as vLLM does: the path as given
@@ -340,9 +343,13 @@ def cmd_lm_eval(argv: list[str]) -> int:
 def cmd_info(args: argparse.Namespace) -> None:
     from mtnlg.config import ModelConfig
     from mtnlg.model.flops import TRAINING_BYTES_PER_PARAM, human, model_size
-    from mtnlg.train.checkpoint import load_config_file, resolve_checkpoint
 
-    cfg = load_config_file(resolve_checkpoint(args.model)).model if Path(args.model).exists() else ModelConfig.from_name(args.model)
+    if Path(args.model).exists():
+        from mtnlg.checkpoint import load_config_file, resolve_checkpoint
+
+        cfg = load_config_file(resolve_checkpoint(args.model)).model
+    else:  # a preset: no torch needed
+        cfg = ModelConfig.from_name(args.model)
     size = model_size(cfg, args.seq_len)
     seq = args.seq_len or cfg.max_seq_len
     shape = f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} kv), d_ff {cfg.d_ff}"
@@ -361,6 +368,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from mtnlg.config import ModelConfig
     from mtnlg.parallel.planner import MATMUL_EFFICIENCY, format_plan, plan
 
+    if args.check and args.zero1:
+        raise MtnlgError("--check builds layouts as mtnlg trains them, without ZeRO-1; drop --zero1 or --check")
     tokens = args.tokens or (270e9 if args.model == "mt-nlg-530b" else 300e9)
     efficiency = args.efficiency or MATMUL_EFFICIENCY
     layouts = plan(
@@ -368,6 +377,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         micro_batch=args.micro_batch, tp=args.tp, pp=args.pp, zero1=args.zero1, efficiency=efficiency,
     )
     print(format_plan(layouts, args.gpu, limit=None if args.all else 10, efficiency=efficiency, zero1=args.zero1))
+    if args.check:
+        from mtnlg.parallel.dryrun import check_layout
+
+        print("\nchecking the first layout ...", flush=True)
+        print(check_layout(ModelConfig.from_name(args.model), layouts[0], args.gpus, args.global_batch, args.seq))
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -386,6 +400,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from mtnlg.interop.hf import export_hf
 
     print(f"wrote Hugging Face model {export_hf(args.src, args.dst, force=args.force)} (load it with from_pretrained)")
+
+
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from mtnlg.checkpoint import consolidate, resolve_checkpoint
+    from mtnlg.model.flops import human
+
+    path = consolidate(resolve_checkpoint(args.run))
+    print(f"wrote {path} ({human(path.stat().st_size, 'B')})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -513,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="replace DST if it exists and is not empty")
         p.set_defaults(handler=handler)
 
+    p = verbs.add_parser("consolidate", help="write a checkpoint's model.safetensors from its sharded state/")
+    p.add_argument("run", metavar="RUN", help="a run directory, its checkpoints folder or a checkpoint directory")
+    p.set_defaults(handler=cmd_consolidate)
+
     p = verbs.add_parser("plan", help="which tensor x pipeline x data layouts fit a model on a cluster, and how fast")
     p.add_argument("--model", required=True, help="a preset name (gpt2, mt-nlg-530b, ...)")
     p.add_argument("--gpus", type=int, required=True)
@@ -526,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero1", action="store_true", help="shard the optimizer state over data-parallel replicas")
     p.add_argument("--efficiency", type=float, help="assumed fraction of peak reached on matmuls (default 0.55)")
     p.add_argument("--all", action="store_true", help="show every feasible layout, not the 10 fastest")
+    p.add_argument("--check", action="store_true", help="build the first layout's real parallelized model as its first, "
+                   "middle and last pipeline ranks on PyTorch's fake process group (meta tensors) and compare")
     p.set_defaults(handler=cmd_plan)
 
     p = verbs.add_parser("plot", help="draw a run's loss curves to a PNG")
