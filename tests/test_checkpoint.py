@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,8 @@ def test_a_run_without_model_safetensors_resumes_generates_exports_and_consolida
 class FullDisk(io.RawIOBase):
     """A file on a full disk: every write fails as the kernel fails it."""
 
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     def writable(self) -> bool:
         return True
 
@@ -171,10 +174,16 @@ class FullDisk(io.RawIOBase):
         return 0
 
     def write(self, data) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise self.error
 
 
-def filling_disk_at(step: int):
+class FullDiskUnderTorchSave(FullDisk):
+    """What torch.save's zip writer (DCP writes each tensor with it) makes of a full disk: a RuntimeError."""
+
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def filling_disk_at(step: int, disk: type[FullDisk] = FullDisk):
     """FileSystem.create_stream, through which DCP's writer opens each file of state/, with the files of this
     step's save landing on a full disk."""
     real = filesystem.FileSystem.create_stream
@@ -182,7 +191,7 @@ def filling_disk_at(step: int):
     @contextlib.contextmanager
     def create_stream(self, path, mode):
         if f"step_{step:08d}" in str(path) and "w" in mode:
-            yield FullDisk()
+            yield disk()
         else:
             with real(self, path, mode) as stream:
                 yield stream
@@ -190,11 +199,14 @@ def filling_disk_at(step: int):
     return create_stream
 
 
+@pytest.mark.parametrize("disk", [FullDisk, FullDiskUnderTorchSave], ids=["ENOSPC", "torch.save"])
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint_before(tiny_config, tiny_data, tmp_path,
-                                                                               monkeypatch, capsys):
+                                                                               monkeypatch, capsys, disk):
     cfg = tiny_config("--train.max_steps=3", "--train.save_interval=1", "--train.eval_interval=0")
     checkpoints = tmp_path / "run" / "checkpoints"
-    monkeypatch.setattr(filesystem.FileSystem, "create_stream", filling_disk_at(2))
+    monkeypatch.setattr(filesystem.FileSystem, "create_stream", filling_disk_at(2, disk))
+    if disk is FullDiskUnderTorchSave:  # the zip writer names no errno: the free space tells
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(MtnlgError) as error:
         Trainer(cfg).fit()
     message = str(error.value)

@@ -89,6 +89,7 @@ def save_training_checkpoint(
     is the same one-line MtnlgError on every rank, and leaves no temporary folder behind."""
     import torch.distributed.checkpoint as dcp
 
+    needs = checkpoint_bytes(config.model, consolidated=consolidate)
     disk_full = False
     try:
         with atomic_directory(directory) if is_main else contextlib.nullcontext(_temporary(directory)) as tmp:
@@ -104,17 +105,17 @@ def save_training_checkpoint(
                     torch.save(trainer_state, f)
                 if consolidate:
                     _write_consolidated(tmp)
-    except (OSError, dcp.CheckpointException) as e:
-        if not _is_disk_full(e):
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:
+        if not _is_disk_full(e, directory.parent, needs):
             raise
         disk_full = True
     # Rank 0's outcome, on every rank: it alone writes after DCP. Also keeps every rank here until the
     # checkpoint is in place.
     if _from_main(disk_full):
-        needs = human(checkpoint_bytes(config.model, consolidated=consolidate), "B")
         raise MtnlgError(
-            f"no space left on the disk of {directory.parent} for a checkpoint (one takes about {needs}); "
-            "free space there, or point --train.out_dir at a disk with room"
+            f"no space left on the disk of {directory.parent} for a checkpoint (one takes about {human(needs, 'B')}, "
+            f"{human(shutil.disk_usage(directory.parent).free, 'B')} are free); free space there, or point "
+            "--train.out_dir at a disk with room"
         )
     return directory
 
@@ -129,13 +130,18 @@ def checkpoint_bytes(model_cfg: ModelConfig, consolidated: bool = False) -> int:
     return state + (4 * model_size(model_cfg).params if consolidated else 0)
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    """ENOSPC (or a quota's EDQUOT), raised here or by any rank inside DCP, which gathers every rank's failure."""
+def _is_disk_full(error: BaseException, directory: Path, needs: int) -> bool:
+    """ENOSPC (or a quota's EDQUOT), raised here or by any rank inside DCP, which gathers every rank's failure;
+    or any failed write where fewer than `needs` bytes are free: torch.save's zip writer, which DCP uses,
+    reports a full disk as a RuntimeError ("unexpected pos")."""
     import torch.distributed.checkpoint as dcp
 
     if isinstance(error, dcp.CheckpointException):
-        return any(_is_disk_full(failure) for failure, _ in error.failures.values())
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if any(_is_disk_full(failure, directory, needs) for failure, _ in error.failures.values()):
+            return True
+    elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return shutil.disk_usage(directory).free < needs
 
 
 def load_training_checkpoint(checkpoint: Path, parts: Parts) -> dict[str, Any]:
@@ -196,12 +202,12 @@ def consolidate(checkpoint: Path) -> Path:
         raise MtnlgError(f"{checkpoint} has no {STATE_DIR}/ to consolidate; its weights are already in {MODEL_FILE}")
     try:
         return _write_consolidated(checkpoint)
-    except OSError as e:
-        if not _is_disk_full(e):
+    except (OSError, RuntimeError) as e:
+        needs = 4 * model_size(load_config_file(checkpoint).model).params
+        if not _is_disk_full(e, checkpoint, needs):
             raise
-        needs = human(4 * model_size(load_config_file(checkpoint).model).params, "B")
         raise MtnlgError(
-            f"no space left on the disk of {checkpoint} for {MODEL_FILE} (about {needs}); free space there"
+            f"no space left on the disk of {checkpoint} for {MODEL_FILE} (about {human(needs, 'B')}); free space there"
         ) from None
 
 
