@@ -86,7 +86,7 @@ def main() -> None:
 
         def hf_step() -> None:
             inputs = next(hf_batches)[0].to(device)
-            with ours.autocast:
+            with ours.precision.autocast():
                 loss = hf(input_ids=inputs, labels=inputs).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)

@@ -33,7 +33,7 @@ def test_gpu_check_without_a_gpu_says_so_and_passes():
 def test_training_autocasts_to_bf16_and_saves_fp32(tiny_config):
     cfg = tiny_config("--train.device=cuda", "--train.max_steps=30", "--train.lr=3e-3", "--train.eval_interval=30")
     trainer = Trainer(cfg)
-    assert trainer.compute_dtype == torch.bfloat16  # train.dtype auto on CUDA
+    assert trainer.precision.compute == torch.bfloat16  # train.dtype auto on CUDA
     result = trainer.fit()
     losses = [r["loss"] for r in read_metrics(cfg.train.out_dir) if "loss" in r]
     assert losses[-1] < losses[0] - 1.0 and result.val_loss < losses[0]
@@ -47,6 +47,7 @@ def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from mtnlg.hardware import Precision
     from mtnlg.parallel.parallelize import apply_fsdp
 
     with socket.socket() as s:
@@ -55,11 +56,11 @@ def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights():
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl")
     try:
-        torch.manual_seed(0)
-        reference = GPT(ModelConfig.from_name("tiny")).cuda()
+        reference = GPT(ModelConfig.from_name("tiny"), seed=0).cuda()
         sharded = GPT(ModelConfig.from_name("tiny")).cuda()
         sharded.load_state_dict(reference.state_dict())
-        apply_fsdp(sharded, init_device_mesh("cuda", (1,), mesh_dim_names=("dp_shard",)), torch.bfloat16)
+        precision = Precision.for_training("bf16", torch.device("cuda"))
+        apply_fsdp(sharded, init_device_mesh("cuda", (1,), mesh_dim_names=("dp_shard",)), precision)
         x = torch.randint(0, 512, (4, 64), device="cuda")
         logits = sharded(x[:, :-1])
         assert logits.dtype == torch.bfloat16
