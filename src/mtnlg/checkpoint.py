@@ -34,7 +34,7 @@ from torch import nn
 
 from mtnlg.config import Config, ModelConfig
 from mtnlg.errors import MtnlgError
-from mtnlg.files import write_text_atomic
+from mtnlg.files import atomic_file, write_text_atomic
 from mtnlg.model.flops import human, model_size
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
@@ -82,14 +82,13 @@ def save_training_checkpoint(
     tokenizer: Tokenizer,
     trainer_state: dict[str, Any],
     is_main: bool,
-    consolidate: bool = False,
 ) -> Path:
-    """Every rank calls this: each writes its shards of state/; rank 0 writes the rest (model.safetensors
-    too when `consolidate`) and moves the finished directory into place. A full disk, met on any rank,
-    is the same one-line MtnlgError on every rank, and leaves no temporary folder behind."""
+    """Every rank calls this: each writes its shards of state/; rank 0 writes the rest and moves the
+    finished directory into place. A full disk, met on any rank, is the same one-line MtnlgError on every
+    rank, and leaves no temporary folder behind."""
     import torch.distributed.checkpoint as dcp
 
-    needs = checkpoint_bytes(config.model, consolidated=consolidate)
+    needs = checkpoint_bytes(config.model)
     disk_full = False
     try:
         with atomic_directory(directory) if is_main else contextlib.nullcontext(_temporary(directory)) as tmp:
@@ -103,8 +102,6 @@ def save_training_checkpoint(
                 _write_description(tmp, config, tokenizer)
                 with open(tmp / TRAINER_STATE, "wb") as f:  # given a path, torch.save calls a full disk a RuntimeError
                     torch.save(trainer_state, f)
-                if consolidate:
-                    _write_consolidated(tmp)
     except (OSError, RuntimeError, dcp.CheckpointException) as e:
         if not _is_disk_full(e, directory.parent, needs):
             raise
@@ -132,16 +129,15 @@ def checkpoint_bytes(model_cfg: ModelConfig, consolidated: bool = False) -> int:
 
 def _is_disk_full(error: BaseException, directory: Path, needs: int) -> bool:
     """ENOSPC (or a quota's EDQUOT), raised here or by any rank inside DCP, which gathers every rank's failure;
-    or any failed write where fewer than `needs` bytes are free: torch.save's zip writer, which DCP uses,
-    reports a full disk as a RuntimeError ("unexpected pos")."""
+    or torch.save's zip writer (which DCP uses) failing where fewer than `needs` bytes are free: it reports a
+    full disk as a RuntimeError, "unexpected pos"."""
     import torch.distributed.checkpoint as dcp
 
     if isinstance(error, dcp.CheckpointException):
-        if any(_is_disk_full(failure, directory, needs) for failure, _ in error.failures.values()):
-            return True
-    elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return shutil.disk_usage(directory).free < needs
+        return any(_is_disk_full(failure, directory, needs) for failure, _ in error.failures.values())
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "unexpected pos" in str(error) and shutil.disk_usage(directory).free < needs
 
 
 def load_training_checkpoint(checkpoint: Path, parts: Parts) -> dict[str, Any]:
@@ -196,6 +192,21 @@ def _options():
     return StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
 
 
+def consolidate_from_main(checkpoint: Path, is_main: bool) -> None:
+    """Rank 0 writes model.safetensors into a finished checkpoint while the others wait (they do nothing
+    collective meanwhile). A failure, such as a full disk, is the same MtnlgError on every rank and leaves
+    the checkpoint as it was: complete, with state/ alone."""
+    error = None
+    if is_main:
+        try:
+            consolidate(checkpoint)
+        except MtnlgError as e:
+            error = str(e)
+    error = _from_main(error)
+    if error:
+        raise MtnlgError(error)
+
+
 def consolidate(checkpoint: Path) -> Path:
     """Write model.safetensors from state/, one tensor in memory at a time; return its path."""
     if not (checkpoint / STATE_DIR).is_dir():
@@ -237,20 +248,14 @@ def _write_consolidated(checkpoint: Path) -> Path:
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     buffer = torch.empty(_nbytes(*tensors[order[0]]), dtype=torch.uint8)
     path = checkpoint / MODEL_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)) + encoded)
-            for name in order:
-                shape, dtype = tensors[name]
-                data = buffer[: _nbytes(shape, dtype)]
-                with _quiet_single_process():
-                    dcp.load({f"model.{name}": data.view(dtype).view(shape)}, storage_reader=reader, no_dist=True)
-                f.write(data.numpy())  # the host's bytes: little-endian, as the format is
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in order:
+            shape, dtype = tensors[name]
+            data = buffer[: _nbytes(shape, dtype)]
+            with _quiet_single_process():
+                dcp.load({f"model.{name}": data.view(dtype).view(shape)}, storage_reader=reader, no_dist=True)
+            f.write(data.numpy())  # the host's bytes: little-endian, as the format is
     return path
 
 
@@ -293,7 +298,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _from_main(value: bool) -> bool:
+def _from_main(value: Any) -> Any:
     """Rank 0's `value`, on every rank (every rank waits for it)."""
     if not _distributed():
         return value

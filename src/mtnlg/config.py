@@ -141,13 +141,14 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     eval_interval: int = 100
-    eval_batches: int = 10
+    eval_batches: int = 10  # validation batches of global_batch_size samples each, the same under every layout
     log_interval: int = 1
     save_interval: int = 500
     keep_last: int = 3
     # end | every | never: which saves also write model.safetensors (the weights in one file, for tools
-    # outside mtnlg) beside the sharded state/; end: the run's last save. Every verb reads state/ alone
-    # too, and `mtnlg consolidate RUN` writes the file later.
+    # outside mtnlg) beside the sharded state/; end: the save at max_steps. Rank 0 writes it once the
+    # checkpoint is complete while the other ranks wait (within the process group's timeout): for models of
+    # hundreds of GB choose never. Every verb reads state/ alone too; `mtnlg consolidate RUN` writes it later.
     consolidate: str = "end"
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
@@ -199,7 +200,7 @@ class ParallelConfig:
 
     tp: tensor parallel (Megatron column/row splits of every block, vocabulary-parallel embedding and loss);
     sequence_parallel: also split norms and dropout along the sequence inside the tp group;
-    pp: pipeline stages; dp_shard: FSDP (ZeRO-3) sharding; dp_replicate: DDP replicas (HSDP with dp_shard);
+    pp: pipeline stages; dp_shard: FSDP (ZeRO-3) sharding; dp_replicate: data-parallel replicas (HSDP with dp_shard);
     activation_checkpointing: trade compute for activation memory (selective: recompute norms, activations
     and dropout, keep matmul and attention outputs; full: keep only each block's input).
     """

@@ -1,4 +1,5 @@
-"""The training loop: accumulate micro-batches, clip, step, schedule, evaluate, log, checkpoint, resume."""
+"""The training loop over this rank's model parts (mtnlg.train.parts): batches, learning-rate schedule,
+evaluation, logging, checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from mtnlg.parallel.launch import init_distributed
 from mtnlg.parallel.layout import check_pipeline_batch
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.checkpoint import (
+    consolidate_from_main,
     find_latest,
     load_config_file,
     load_training_checkpoint,
@@ -88,7 +90,7 @@ class Trainer:
         self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
 
         torch.manual_seed(tc.seed)  # dropout; the weights are drawn per (seed, parameter name)
-        self.parts = ModelParts(config, self.dist, self.precision)
+        self.parts = ModelParts(config, self.dist, self.precision, initialize=resume_from is None)
         self.loader = BatchLoader(self.train_data)
         self.step = 0
         if resume_from is not None:
@@ -252,14 +254,15 @@ class Trainer:
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         tc = self.config.train
-        consolidate = tc.consolidate == "every" or (tc.consolidate == "end" and self.step == tc.max_steps)
         checkpoint = save_training_checkpoint(
             self.checkpoints_dir / f"step_{self.step:08d}", self.parts.pairs, self.config, self.tokenizer, state,
-            self.dist.is_main, consolidate=consolidate,
+            self.dist.is_main,
         )
         if self.dist.is_main:
             mark_latest(checkpoint)
-            prune_checkpoints(self.checkpoints_dir, self.config.train.keep_last)
+            prune_checkpoints(self.checkpoints_dir, tc.keep_last)
+        if tc.consolidate == "every" or (tc.consolidate == "end" and self.step == tc.max_steps):
+            consolidate_from_main(checkpoint, self.dist.is_main)  # once the checkpoint is complete and latest
         return checkpoint
 
     def _on_signal(self, signum: int, frame: object) -> None:
