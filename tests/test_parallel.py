@@ -274,6 +274,17 @@ def test_tensor_parallel_with_replicas_on_four_processes(tiny_config, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout", [dict(tp=2, dp_shard=2, activation_checkpointing="selective"), dict(pp=2, activation_checkpointing="full")],
+    ids=["tp-fsdp-selective", "pp-full"],
+)
+def test_activation_checkpointing_under_parallel_layouts(tiny_config, tmp_path, tmp_path_factory, layout):
+    """Recompute applied from outside, with the tensor-parallel collectives it keeps, FSDP's gathers and the
+    pipeline's stages: the numbers of one process without it."""
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, layout, "tiny")
+
+
+@pytest.mark.slow
 def test_tensor_parallel_with_fsdp_on_four_processes(tiny_config, tmp_path, tmp_path_factory):
     _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(tp=2, dp_shard=2), "tiny")  # tied embeddings + learned positions + biases
 

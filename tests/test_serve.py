@@ -271,7 +271,7 @@ def test_loading_then_a_failing_step_ends_its_stream_with_an_error_event_and_the
         loaded.set()
         while client.get("/health").status_code != 200:
             time.sleep(0.05)
-        body = {"prompt": "The", "max_tokens": 20, "stream": True, "ignore_eos": True}
+        body = {"prompt": "The", "max_tokens": 20, "stream": True, "ignore_eos": True, "temperature": 0}
         with client.stream("POST", "/v1/completions", json=body) as response:
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
         assert response.status_code == 200 and events[-1] == "[DONE]"

@@ -224,3 +224,15 @@ def test_eval_task_mistakes_are_found_before_training(tiny_config, tmp_path):
         Trainer(tiny_config(f"--eval.tasks={qa}"))  # checked before the first step, not at the first evaluation
     with pytest.raises(MtnlgError, match="train.eval_interval steps, which is 0"):
         Trainer(tiny_config(f"--eval.tasks={qa}", "--train.eval_interval=0"))
+
+
+@pytest.mark.slow
+def test_compiled_training_with_activation_checkpointing_matches_eager(tiny_config):
+    """torch.compile traces the recompute that the layout wraps around each block: same losses as eager
+    without it."""
+    steps = ("--train.max_steps=3", "--train.eval_interval=0", "--train.save_interval=0")
+    eager = Trainer(tiny_config(*steps))
+    compiled = Trainer(tiny_config(*steps, "--train.compile=true", "--parallel.activation_checkpointing=selective",
+                                   out_dir=eager.run_dir.parent / "compiled"))
+    for _ in range(3):
+        assert compiled.train_step()[0] == pytest.approx(eager.train_step()[0], rel=1e-5)

@@ -1,10 +1,10 @@
 """A dry run at full scale: the real parallelized model, built as chosen ranks of a cluster that is not here.
 
 PyTorch's fake process group lets this one process be rank r of thousands: the DeviceMesh, tensor
-parallelism, FSDP and DDP are applied as on the cluster, to a model on the meta device (shapes, no memory).
+parallelism, FSDP and replicas are applied as on the cluster, to a model on the meta device (shapes, no memory).
 What a rank would hold is then read off its parameters and optimizer state, and the tensor-parallel
 collectives of one micro-batch are counted by running its forward and backward on meta tensors. Data-parallel
-and pipeline traffic follow from the shapes: FSDP and DDP refuse to run on the meta device.
+and pipeline traffic follow from the shapes: FSDP and replicas refuse to run on the meta device.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig
@@ -47,27 +48,30 @@ class RankReport:
 
 def dry_run(config: Config, world_size: int, ranks: list[int], seq: int) -> list[RankReport]:
     """Build `config`'s layout as each of `ranks` of `world_size` and report what one training step holds
-    and sends there with sequences of `seq` tokens (bf16 compute with fp32 master weights, as on GPUs). Each rank is a fresh process: a
-    process group, and the meshes torch caches for it, cannot be made twice in one."""
+    and sends there with sequences of `seq` tokens (bf16 compute with fp32 master weights, as on GPUs).
+    Each rank is a fresh process: a process group, and the meshes torch caches for it, cannot be made
+    twice in one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
-        return [pool.submit(_one_rank, config, world_size, rank, seq).result() for rank in ranks]
+    reports = []
+    for rank in ranks:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            reports.append(pool.submit(_one_rank, config, world_size, rank, seq).result())
+    return reports
 
 
 def _one_rank(config: Config, world_size: int, rank: int, seq: int) -> RankReport:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dims = ParallelDims(config.parallel, world_size)
-    precision = Precision(torch.float32, torch.bfloat16, "cpu")
+    precision = Precision.for_training("bf16", torch.device("cpu"))
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         mesh = build_mesh(dims, "cpu")
         stage_ids, stages = _stages(config, dims, mesh, precision, rank)
         params = sum(_local(p).numel() for stage in stages for p in stage.parameters())
-        optimizer_bytes = _optimizer_bytes(stages, config)
+        gradient_bytes, optimizer_bytes = _step_state_bytes(stages, config)
         report = RankReport(
             rank=rank,
             coordinates=dims.coordinates(rank),
@@ -75,19 +79,20 @@ def _one_rank(config: Config, world_size: int, rank: int, seq: int) -> RankRepor
             blocks=[int(b) for stage in stages for b in stage.blocks],
             params=params,
             state_bytes={
-                "bf16 weights": params * 2,  # the compute copy autocast (or FSDP's gather) makes
-                "fp32 gradients": params * 4,  # a gradient has its parameter's shape and dtype
+                "bf16 weights": params * precision.compute.itemsize,  # the copy autocast (or FSDP's gather) makes
+                "fp32 gradients": gradient_bytes,
                 "fp32 master weights": sum(_local(p).nbytes for stage in stages for p in stage.parameters()),
                 "fp32 Adam moments": optimizer_bytes,
             },
         )
-        report.collectives = _collectives(config, dims, mesh, precision, stage_ids, params, seq)
+        report.collectives = _collectives(config, dims, mesh, precision, stage_ids, stages, seq)
         return report
     finally:
         dist.destroy_process_group()
 
 
-def _stages(config: Config, dims: ParallelDims, mesh, precision: Precision, rank: int, data_parallel: bool = True):
+def _stages(config: Config, dims: ParallelDims, mesh: DeviceMesh, precision: Precision, rank: int,
+            data_parallel: bool = True) -> tuple[list[int], list[GPT]]:
     """This rank's model parts as training lays them out, on the meta device; without `data_parallel`, the
     same parts with tensor parallelism only (what can run a forward on meta tensors)."""
     if not data_parallel:
@@ -103,7 +108,7 @@ def _stages(config: Config, dims: ParallelDims, mesh, precision: Precision, rank
     ]
 
 
-def _pp_rank(mesh) -> int:
+def _pp_rank(mesh: DeviceMesh) -> int:
     return mesh["pp"].get_local_rank()
 
 
@@ -111,17 +116,19 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def _optimizer_bytes(stages: list[GPT], config: Config) -> int:
-    """AdamW's state as it is created: one step on zero gradients of the meta parameters."""
-    total = 0
+def _step_state_bytes(stages: list[GPT], config: Config) -> tuple[int, int]:
+    """The gradients (as autograd makes them: each parameter's shape and dtype) and AdamW's state as one
+    step on them creates it, on the meta parameters."""
+    gradients = moments = 0
     for stage in stages:
         optimizer = build_optimizer(stage, config.train)
         for p in stage.parameters():
             p.grad = torch.zeros_like(p)
+            gradients += _local(p.grad).nbytes
         optimizer.step()
-        total += sum(_local(v).nbytes for state in optimizer.state.values() for k, v in state.items() if k != "step")
+        moments += sum(_local(v).nbytes for state in optimizer.state.values() for k, v in state.items() if k != "step")
         stage.zero_grad(set_to_none=True)
-    return total
+    return gradients, moments
 
 
 class _CountCollectives(TorchDispatchMode):
@@ -140,20 +147,21 @@ class _CountCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _collectives(config: Config, dims: ParallelDims, mesh, precision: Precision, stage_ids: list[int],
-                 params: int, seq: int) -> dict[str, list[int]]:
+def _collectives(config: Config, dims: ParallelDims, mesh: DeviceMesh, precision: Precision, stage_ids: list[int],
+                 stages: list[GPT], seq: int) -> dict[str, list[int]]:
     """One step's traffic from this rank: tensor-parallel collectives counted over one micro-batch's forward
     and backward in the compute dtype (times the step's micro-batches), pipeline sends from the activation
-    shape, and the data-parallel gradient reduction (and FSDP's gathers) from the parameters."""
+    shape, and the data-parallel collectives from the units FSDP or replicate made (each block, and the
+    rest of the stage), which they issue per unit."""
     tc, pc, cfg = config.train, dims.cfg, config.model
     micro_batches = pc.microbatches if dims.pp > 1 else tc.global_batch_size // dims.dp_size // tc.micro_batch_size
     out: dict[str, list[int]] = {}
     if dims.tp_enabled:
         # Autocast does not act on meta tensors: weights in the compute dtype stand in for it.
-        _, stages = _stages(config, dims, mesh, precision, dist.get_rank(), data_parallel=False)
+        _, tp_only = _stages(config, dims, mesh, precision, dist.get_rank(), data_parallel=False)
         count = _CountCollectives()
         with count:
-            for s, stage in zip(stage_ids, stages):
+            for s, stage in zip(stage_ids, tp_only):
                 stage.to(precision.compute)
                 rows = seq // dims.tp if dims.sequence_parallel and s != 0 else seq
                 x = (torch.zeros(tc.micro_batch_size, seq, dtype=torch.long, device="meta") if s == 0 else
@@ -170,14 +178,23 @@ def _collectives(config: Config, dims: ParallelDims, mesh, precision: Precision,
         last = dims.pp * len(stage_ids) - 1
         sends = sum((s != last) + (s != 0) for s in stage_ids)  # activations on, gradients back
         out["pp send"] = [sends * micro_batches, sends * micro_batches * boundary]
-    grads = params * precision.reduce.itemsize
-    if dims.dp_shard > 1:  # per step: gathers for forward and backward, one reduce-scatter of the gradients
-        weights = params * dims.dp_shard * precision.compute.itemsize
-        out["dp all_gather_into_tensor"] = [2 * len(stage_ids), 2 * weights]
-        out["dp reduce_scatter_tensor"] = [len(stage_ids), grads * dims.dp_shard]
-    if dims.dp_replicate > 1:
-        out["dp all_reduce"] = [len(stage_ids), grads * (dims.dp_shard if dims.dp_shard > 1 else 1)]
+    units = [n * dims.dp_shard for stage in stages for n in _unit_params(stage)]  # whole-unit parameters
+    if dims.dp_shard > 1:
+        # every micro-batch gathers each unit for forward and again for backward (all but the last block,
+        # kept gathered); the gradients are reduce-scattered once per step
+        gathered = 2 * sum(units) - sum(_unit_params(stage)[-2] * dims.dp_shard for stage in stages)
+        out["dp all_gather_into_tensor"] = [(2 * len(units) - len(stages)) * micro_batches,
+                                            gathered * precision.compute.itemsize * micro_batches]
+        out["dp reduce_scatter_tensor"] = [len(units), sum(units) * precision.reduce.itemsize]
+    if dims.dp_replicate > 1:  # once per step, per unit; between shards of a unit under HSDP
+        out["dp all_reduce"] = [len(units), sum(units) // dims.dp_shard * precision.reduce.itemsize]
     return out
+
+
+def _unit_params(stage: GPT) -> list[int]:
+    """Parameters this rank holds of each data-parallel unit: the blocks in order, then the rest (the root)."""
+    blocks = [sum(_local(p).numel() for p in block.parameters()) for block in stage.blocks.values()]
+    return [*blocks, sum(_local(p).numel() for p in stage.parameters()) - sum(blocks)]
 
 
 def pick_ranks(dims: ParallelDims) -> list[int]:

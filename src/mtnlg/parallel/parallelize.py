@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterable
+import types
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -43,12 +45,15 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from mtnlg.errors import MtnlgError
 from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT, cross_entropy
 from mtnlg.parallel.layout import ParallelDims
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 
 class ReplicateParallel(ParallelStyle):
@@ -132,13 +137,17 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-# Selective recompute keeps the outputs that cost FLOPs (matmuls, attention) and recomputes the cheap,
-# memory-hungry rest (norms, activation functions, dropout, residual adds) during backward.
+# Selective recompute keeps the outputs that cost FLOPs (matmuls, attention) or communication (tensor and
+# sequence parallel collectives) and recomputes the cheap, memory-hungry rest (norms, activation functions,
+# dropout, residual adds) during backward.
 _COSTLY = {
     getattr(torch.ops.aten, name).default
     for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
     if hasattr(torch.ops.aten, name)
+} | {
+    getattr(torch.ops._c10d_functional, name).default
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce")
 }
 
 
@@ -151,27 +160,30 @@ _RECOMPUTE = {"full": noop_context_fn, "selective": functools.partial(create_sel
 
 
 def apply_ac(model: GPT, mode: str) -> None:
-    """Activation checkpointing of every block (parallel.activation_checkpointing: selective or full), by
-    hooks that leave the module tree and its parameter names as they are."""
-    from torch.distributed._composable import checkpoint
+    """Activation checkpointing of every block in training (parallel.activation_checkpointing: selective or
+    full): each block's forward runs inside torch.utils.checkpoint, which torch.compile traces, bound to the
+    block so that the module tree and its parameter names stay as they are."""
+
+    def forward_recomputed(self: nn.Module, *args, **kwargs):
+        if not self.training:
+            return type(self).forward(self, *args, **kwargs)
+        return checkpoint(type(self).forward, self, *args, use_reentrant=False, context_fn=_RECOMPUTE[mode], **kwargs)
 
     for block in model.blocks.values():
-        checkpoint(block, context_fn=_RECOMPUTE[mode])
+        block.forward = types.MethodType(forward_recomputed, block)
 
 
 def apply_precision(model: GPT, precision: Precision) -> None:
     """Run the model's forward under the precision's autocast: every layout computes in the same dtype, the
-    pipeline's stages included (each stage is a GPT)."""
+    pipeline's stages included (each stage is a GPT). Bound to the module, so a copy of it keeps it."""
     if not precision.mixed:
         return
-    forward = model.forward
 
-    @functools.wraps(forward)
-    def forward_in_compute_dtype(*args, **kwargs):
+    def forward_in_compute_dtype(self: GPT, *args, **kwargs):
         with precision.autocast():
-            return forward(*args, **kwargs)
+            return type(self).forward(self, *args, **kwargs)
 
-    model.forward = forward_in_compute_dtype
+    model.forward = types.MethodType(forward_in_compute_dtype, model)
 
 
 def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: Precision) -> None:
@@ -188,7 +200,7 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: Precision) -> None:
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
-def _mixed_precision_policy(precision: Precision):
+def _mixed_precision_policy(precision: Precision) -> MixedPrecisionPolicy:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if not precision.mixed:
@@ -196,15 +208,19 @@ def _mixed_precision_policy(precision: Precision):
     return MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=precision.reduce)
 
 
-def apply_ddp(model: GPT, dp_mesh: DeviceMesh, precision: Precision) -> None:
-    """Plain data parallel: whole weights on every replica, gradients all-reduced once per step.
+def apply_replicate(model: GPT, dp_mesh: DeviceMesh, precision: Precision) -> None:
+    """Plain data parallel: whole weights on every replica, gradients all-reduced once per step, block by
+    block as backward reaches them (one unit per block and the root, as for FSDP).
 
     FSDP2's `replicate` rather than DDP's reducer: it composes with tensor parallelism (DTensor parameters),
     is told from outside when to synchronise (after a step's last micro-batch, pipeline schedules
     included), and takes the same mixed-precision policy as FSDP."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    replicate(model, mesh=dp_mesh, mp_policy=_mixed_precision_policy(precision))
+    policy = _mixed_precision_policy(precision)
+    for block in model.blocks.values():
+        replicate(block, mesh=dp_mesh, mp_policy=policy)
+    replicate(model, mesh=dp_mesh, mp_policy=policy)
 
 
 def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, precision: Precision) -> GPT:
@@ -226,20 +242,24 @@ def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, precisi
         dp_names = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
         apply_fsdp(model, mesh[dp_names], precision)
     elif dims.dp_replicate > 1:
-        apply_ddp(model, mesh["dp_replicate"], precision)
+        apply_replicate(model, mesh["dp_replicate"], precision)
     return model
 
 
 @torch.no_grad()
-def materialize(model: GPT, device: torch.device, seed: int) -> GPT:
+def materialize(model: GPT, device: torch.device, seed: int | None) -> GPT:
     """Memory on `device` and initial weights for a model built on the meta device and laid out: each
-    parameter's whole value is drawn from (seed, name) and this rank keeps its piece, so a rank holds its
-    shards plus one whole parameter at a time, and every layout starts from the same weights."""
+    parameter's whole value is drawn from (seed, name) on the CPU and this rank keeps its piece, so a rank
+    holds its shards plus one whole parameter at a time, and every layout starts from the same weights.
+    No seed: memory only, for weights a checkpoint is about to fill."""
     model.to_empty(device=device)
+    if seed is None:
+        return model
     for name, param in model.named_parameters():
         value = model.initial_value(name, seed)
         if isinstance(param, DTensor):
-            value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            value = value[tuple(slice(start, start + size) for start, size in zip(offset, shape))]
             param = param.to_local()
         param.copy_(value)
     return model

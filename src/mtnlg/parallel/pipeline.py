@@ -38,7 +38,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
-from mtnlg.errors import MtnlgError
 from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
@@ -65,7 +64,8 @@ class Pipeline:
     """
 
     def __init__(
-        self, model: GPT, dims: ParallelDims, mesh: DeviceMesh, device: torch.device, precision: Precision, seed: int
+        self, model: GPT, dims: ParallelDims, mesh: DeviceMesh, device: torch.device, precision: Precision,
+        seed: int | None, micro_batch_size: int,
     ):
         cfg = dims.cfg
         layers = stage_layers(model.cfg.n_layer, cfg.pp, cfg.pp_schedule)
@@ -81,6 +81,7 @@ class Pipeline:
             for s in self.stage_ids
         ]
         self.is_first, self.is_last = pp_rank == 0, pp_rank == cfg.pp - 1
+        self.eval_rows = dims.cfg.microbatches * micro_batch_size  # a whole step's rows: the schedule splits them
         pipeline_stages = [
             PipelineStage(stage, s, n_stages, device, group=self.pp_group)
             for s, stage in zip(self.stage_ids, self.modules)
@@ -157,13 +158,8 @@ class Pipeline:
         return scores[0], scores[1].bool()
 
     def _positions(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Positions for every stage, one row per sample so that the schedule splits them with the batch."""
-        n = self.dims.cfg.microbatches
-        if inputs.size(0) % n:
-            raise MtnlgError(
-                f"each data-parallel rank's batch of {inputs.size(0)} samples does not split into "
-                f"parallel.microbatches ({n}) equal micro-batches; make it a multiple of {n}"
-            )
+        """Positions for every stage, one row per sample so that the schedule splits them with the batch (of
+        parallel.microbatches x train.micro_batch_size rows: mtnlg.parallel.layout.check_pipeline_batch)."""
         return torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
 
     def _loss_scope(self) -> contextlib.AbstractContextManager:

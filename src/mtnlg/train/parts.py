@@ -2,7 +2,7 @@
 pipeline stages), each with an optimizer, and the schedule that runs a batch through them.
 
 The model is built on the meta device, laid out (tensor/sequence parallel, activation checkpointing, the
-compute precision, FSDP or DDP, pipeline stages) and only then given memory, so a rank never holds more
+compute precision, FSDP or replicas, pipeline stages) and only then given memory, so a rank never holds more
 than its own shards plus one whole parameter, and initialized per (seed, parameter name), so every layout
 starts from the same weights. The trainer, pretraining or fine-tuning, calls `train_step`, `evaluate`,
 `token_scores` and reads `pairs` for checkpoints, whatever the layout.
@@ -10,8 +10,11 @@ starts from the same weights. The trainer, pretraining or fine-tuning, calls `tr
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from mtnlg.config import Config
 from mtnlg.eval.scoring import token_scores
@@ -25,23 +28,35 @@ from mtnlg.parallel.pipeline import Pipeline
 from mtnlg.train.optim import build_optimizer
 
 
+class Schedule(Protocol):
+    """How a rank's rows of a batch run through its model parts: `WholeModel`, or `Pipeline` stages."""
+
+    modules: list[GPT]
+    eval_rows: int  # rows of one evaluation forward
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...
+
+
 class WholeModel:
     """The schedule without pipeline stages: the whole model (alone, or tensor/data parallel) runs a rank's
     rows in micro-batches of train.micro_batch_size whose gradients synchronise once, after the last."""
 
-    def __init__(self, model: GPT, dims: ParallelDims, mesh, device: torch.device, precision: Precision, seed: int,
-                 micro_batch_size: int, compile: bool = False):
+    def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
+                 precision: Precision, seed: int | None, micro_batch_size: int, compiled: bool = False):
         self.model = materialize(parallelize(model, dims, mesh, precision), device, seed)
         self.modules = [self.model]
-        self.micro_batch_size = micro_batch_size
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.micro_batch_size = self.eval_rows = micro_batch_size
+        self.forward = torch.compile(self.model) if compiled else self.model
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward; returns the mean loss of the rows."""
         micro_batches = list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
         total = torch.zeros((), device=inputs.device)
         for i, (x, y) in enumerate(micro_batches):
-            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP, DDP
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP, replicas
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             logits = self.forward(x)
             with loss_context(logits):
@@ -65,21 +80,21 @@ class WholeModel:
 
 
 class ModelParts:
-    """This rank's model parts and their optimizers under the run's layout and precision."""
+    """This rank's model parts and their optimizers under the run's layout and precision. `initialize`:
+    draw the initial weights; without it the parts get memory only, for a checkpoint to fill (resume)."""
 
-    def __init__(self, config: Config, dist: Distributed, precision: Precision):
+    def __init__(self, config: Config, dist: Distributed, precision: Precision, initialize: bool = True):
         tc, dims = config.train, dist.dims
         with torch.device("meta"):
             model = GPT(config.model)
-        args = (model, dims, dist.mesh, dist.device, precision, tc.seed)
-        if dims.pp > 1:
-            self.schedule = Pipeline(*args)
-        else:
-            self.schedule = WholeModel(*args, micro_batch_size=tc.micro_batch_size, compile=tc.compile)
-        self.modules: list[GPT] = self.schedule.modules
+        args = (model, dims, dist.mesh, dist.device, precision, tc.seed if initialize else None)
+        self.schedule: Schedule = (
+            Pipeline(*args, micro_batch_size=tc.micro_batch_size) if dims.pp > 1
+            else WholeModel(*args, micro_batch_size=tc.micro_batch_size, compiled=tc.compile)
+        )
+        self.modules = self.schedule.modules
         self.optimizers = [build_optimizer(m, tc, fused=dist.device.type == "cuda") for m in self.modules]
-        # Rows per evaluation forward of one data-parallel rank: a micro-batch, or all of a pipeline step's.
-        self.eval_rows = tc.micro_batch_size * (dims.cfg.microbatches if dims.pp > 1 else 1)
+        self.eval_rows = self.schedule.eval_rows
 
     @property
     def pairs(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
