@@ -212,8 +212,8 @@ def format_report(reports: list[RankReport], planned: dict[int, dict[str, int]])
         want = sum(planned[r.rank].values())
         diff = abs(r.total_state_bytes - want) / want
         where = ", ".join(f"{k} {v}" for k, v in r.coordinates.items())
-        lines.append(f"rank {r.rank} ({where}; stage {','.join(map(str, r.stages))}, blocks {r.blocks[0]}-{r.blocks[-1]}): "
-                     f"{r.params:,} parameters")
+        stages = ",".join(map(str, r.stages))
+        lines.append(f"rank {r.rank} ({where}; stage {stages}, blocks {r.blocks[0]}-{r.blocks[-1]}): {r.params:,} parameters")
         for what, nbytes in r.state_bytes.items():
             lines.append(f"  {what:<20} {nbytes / GiB:8.2f} GiB   planner {planned[r.rank][what] / GiB:8.2f} GiB")
         lines.append(f"  {'state':<20} {r.total_state_bytes / GiB:8.2f} GiB   planner {want / GiB:8.2f} GiB"

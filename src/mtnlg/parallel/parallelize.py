@@ -44,7 +44,6 @@ from torch.distributed.tensor.parallel import (
     loss_parallel,
     parallelize_module,
 )
-
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from mtnlg.errors import MtnlgError
@@ -156,7 +155,10 @@ def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 # Full recompute keeps only each block's input.
-_RECOMPUTE = {"full": noop_context_fn, "selective": functools.partial(create_selective_checkpoint_contexts, _keep_costly)}
+_RECOMPUTE = {
+    "full": noop_context_fn,
+    "selective": functools.partial(create_selective_checkpoint_contexts, _keep_costly),
+}
 
 
 def apply_ac(model: GPT, mode: str) -> None:

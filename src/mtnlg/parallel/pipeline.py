@@ -21,9 +21,9 @@ micro-batches (scale_grads), so they are the gradients of the mean loss over the
 process (data parallelism's mean over ranks does the rest).
 
 Tied embeddings: the first stage holds `tok_emb.weight`, the last stage `lm_head.weight`, equal at the
-start because the last stage initializes its copy as the embedding (`GPT.initial_value`). After each step's backward their gradients
-are summed over a two-rank group (the first and last pipeline rank of one data/tensor-parallel
-coordinate), so the optimizer makes the same update on both and they stay equal.
+start because the last stage initializes its copy as the embedding (`GPT.initial_value`). After each
+step's backward their gradients are summed over a two-rank group (the first and last pipeline rank of one
+data/tensor-parallel coordinate), so the optimizer makes the same update on both and they stay equal.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
 from mtnlg.parallel.layout import ParallelDims, stage_layers
 from mtnlg.parallel.parallelize import clip_grad_norm_, loss_parallel_scope, materialize, parallel_loss, parallelize
+
 
 def build_stage(model: GPT, layers: range, first: bool, last: bool) -> GPT:
     """A copy of `model` with only `layers`' blocks, the embeddings if `first`, the norm and head if `last`."""
@@ -74,12 +75,8 @@ class Pipeline:
         self.pp_group = mesh["pp"].get_group()
         pp_rank = mesh["pp"].get_local_rank()
         self.stage_ids = list(range(pp_rank, n_stages, cfg.pp))
-        self.modules = [
-            materialize(
-                parallelize(build_stage(model, layers[s], s == 0, s == n_stages - 1), dims, mesh, precision), device, seed
-            )
-            for s in self.stage_ids
-        ]
+        stages = [build_stage(model, layers[s], s == 0, s == n_stages - 1) for s in self.stage_ids]
+        self.modules = [materialize(parallelize(stage, dims, mesh, precision), device, seed) for stage in stages]
         self.is_first, self.is_last = pp_rank == 0, pp_rank == cfg.pp - 1
         self.eval_rows = dims.cfg.microbatches * micro_batch_size  # a whole step's rows: the schedule splits them
         pipeline_stages = [

@@ -101,7 +101,9 @@ class ModelParts:
         """(module, optimizer) of every part: what a checkpoint saves and loads."""
         return list(zip(self.modules, self.optimizers))
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, lr: float, max_norm: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's rows of the global batch; returns their mean loss and the global
         gradient norm before clipping."""
         for module, optimizer in self.pairs:

@@ -14,6 +14,16 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
+from mtnlg.checkpoint import (
+    consolidate_from_main,
+    find_latest,
+    load_config_file,
+    load_training_checkpoint,
+    mark_latest,
+    prune_checkpoints,
+    remove_leftovers,
+    save_training_checkpoint,
+)
 from mtnlg.config import Config
 from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
@@ -26,16 +36,6 @@ from mtnlg.parallel import whole
 from mtnlg.parallel.launch import init_distributed
 from mtnlg.parallel.layout import check_pipeline_batch
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.checkpoint import (
-    consolidate_from_main,
-    find_latest,
-    load_config_file,
-    load_training_checkpoint,
-    mark_latest,
-    prune_checkpoints,
-    remove_leftovers,
-    save_training_checkpoint,
-)
 from mtnlg.train.metrics import MetricsLogger
 from mtnlg.train.optim import batch_size_at, lr_at
 from mtnlg.train.parts import ModelParts
