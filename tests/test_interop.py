@@ -49,6 +49,16 @@ HF_CONFIGS = {
         intermediate_size=128, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, initializer_range=0.1,
     ),
+    "qwen2": lambda: transformers.Qwen2Config(  # biases on q, k and v
+        vocab_size=VOCAB, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=64, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, initializer_range=0.1,
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(  # per-head q and k norms; tied, as Qwen3's small models are
+        vocab_size=VOCAB, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, max_position_embeddings=64, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, initializer_range=0.1,
+    ),
 }
 
 
@@ -61,6 +71,10 @@ def save_hf(name, path, tokenizer):
     """A random-weight transformers model saved with save_pretrained, our tokenizer.json beside it."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[name]()).eval()
+    with torch.no_grad():  # HF starts biases at 0 and norms at 1, which would hide a misplaced one
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     tokenizer.save(path)
     return model, path
@@ -216,6 +230,16 @@ def test_mistral_without_sliding_window_imports(llama_dir, tmp_path):
     edit_config(llama_dir, sliding_window=16)
     with pytest.raises(MtnlgError, match="sliding_window = 16"):
         import_hf(llama_dir, tmp_path / "ckpt2")
+
+
+def test_qwen3_needs_head_dim_to_be_the_width_per_head(tokenizer, tmp_path):
+    """Qwen3 sets head_dim on its own (128 unless given); mtnlg's heads split the width evenly."""
+    _, src = save_hf("qwen3", tmp_path / "qwen3", tokenizer)
+    config = json.loads((src / "config.json").read_text())
+    del config["head_dim"]  # a file without it means transformers' default of 128
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MtnlgError, match=r"head_dim = 128 is not hidden_size / num_attention_heads \(64 / 4\)"):
+        import_hf(src, tmp_path / "ckpt")
 
 
 def edit_config(path, **changes):

@@ -88,6 +88,7 @@ def test_world_size_mismatch():
         (dict(tp=4), dict(n_kv_head=2), r"model.n_kv_head \(2\) is not divisible by parallel.tp \(4\)"),
         (dict(tp=2), dict(vocab_size=511), r"model.vocab_size \(511\) is not divisible by parallel.tp \(2\).*pad model.vocab_size to 512"),
         (dict(tp=2), dict(d_ff=255), r"model.d_ff \(255\) is not divisible by parallel.tp \(2\)"),
+        (dict(tp=2), dict(qk_norm=True), r"model.qk_norm \(Qwen3's per-head norms\) is not split over tensor-parallel"),
         (dict(pp=4, microbatches=4), dict(), r"model.n_layer \(2\) is fewer than the 4 pipeline stages of parallel.pp 4"),
         (dict(pp=2, microbatches=2, pp_schedule="interleaved-1f1b"), dict(), r"model.n_layer \(2\) is fewer than the 4 pipeline stages"),
     ],

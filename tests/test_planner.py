@@ -154,6 +154,7 @@ def tp_group():
     ("gpt2", dict(vocab_size=256, n_layer=5, n_head=4, d_model=64, max_seq_len=32)),  # tied, biases, learned
     ("llama-tiny", dict(n_layer=5)),  # untied, no biases, rotary, swiglu, grouped-query attention
     ("llama-tiny", dict(n_layer=5, tie_embeddings=True)),
+    ("llama-tiny", dict(n_layer=5, qkv_bias=True)),  # Qwen2: biases on q, k and v, cut with them
 ])
 @pytest.mark.parametrize("pp, schedule", [(1, "1f1b"), (2, "1f1b"), (3, "1f1b"), (2, "interleaved-1f1b")])
 def test_rank_params_are_the_runtimes(tp_group, name, overrides, pp, schedule):

@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_info)
 
     for verb, handler, what in (
-        ("import", cmd_import, "a Hugging Face model folder (GPT-2, Llama) -> mtnlg checkpoint"),
+        ("import", cmd_import, "a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3) -> mtnlg checkpoint"),
         ("export", cmd_export, "an mtnlg checkpoint or run -> Hugging Face model folder (GPT-2 or Llama)"),
     ):
         p = verbs.add_parser(verb, help=what)

@@ -39,6 +39,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     bias: bool = True
+    qkv_bias: bool = False  # biases on q, k and v even without model.bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each head's query and key before the rotary positions (Qwen3)
     norm_eps: float = 1e-5
     dropout: float = 0.0
     init_std: float = 0.0  # 0: sqrt(1 / (3 * d_model)), as MT-NLG

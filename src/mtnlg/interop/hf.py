@@ -1,5 +1,6 @@
-"""Import and export Hugging Face checkpoints: GPT-2 (GPT2LMHeadModel) and Llama (LlamaForCausalLM, and
-MistralForCausalLM when no sliding window is in effect).
+"""Import and export Hugging Face checkpoints: GPT-2 (GPT2LMHeadModel), Llama (LlamaForCausalLM, and
+MistralForCausalLM when no sliding window is in effect), Qwen2 (Qwen2ForCausalLM) and Qwen3
+(Qwen3ForCausalLM).
 
 Each family is one table: every HF config key and tensor, the mtnlg field or tensors it holds, and how the
 layout differs. Import reads the table one way and export the other, so the two directions cannot drift
@@ -67,7 +68,7 @@ GPT2 = Family(
     architectures=("GPT2LMHeadModel",),
     model_type="gpt2",
     tokenizer_class="GPT2TokenizerFast",
-    shape=dict(norm="layernorm", mlp="gelu", position="learned", bias=True),
+    shape=dict(norm="layernorm", mlp="gelu", position="learned", bias=True, qk_norm=False),
     fields={
         "vocab_size": "vocab_size",
         "n_layer": "n_layer",
@@ -101,52 +102,80 @@ GPT2 = Family(
     extra=lambda cfg: dict.fromkeys(("embd_pdrop", "attn_pdrop", "resid_pdrop"), cfg.dropout),
 )
 
+# The fields, defaults and tensors Llama, Qwen2 and Qwen3 share; each family adds its own.
+_LLAMA_FIELDS = {
+    "vocab_size": "vocab_size",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "num_key_value_heads": "n_kv_head",
+    "hidden_size": "d_model",
+    "intermediate_size": "d_ff",
+    "max_position_embeddings": "max_seq_len",
+    "rms_norm_eps": "norm_eps",
+    "rope_theta": "rope_theta",
+    "tie_word_embeddings": "tie_embeddings",
+}
+_LLAMA_DEFAULTS = {"num_key_value_heads": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+_LLAMA_MODULES = (
+    ("model.embed_tokens", ("tok_emb",), False),
+    ("model.layers.{i}.input_layernorm", ("blocks.{i}.attn_norm",), False),
+    ("model.layers.{i}.self_attn.q_proj", ("blocks.{i}.attn.q_proj",), False),
+    ("model.layers.{i}.self_attn.k_proj", ("blocks.{i}.attn.k_proj",), False),
+    ("model.layers.{i}.self_attn.v_proj", ("blocks.{i}.attn.v_proj",), False),
+    ("model.layers.{i}.self_attn.o_proj", ("blocks.{i}.attn.o_proj",), False),
+    ("model.layers.{i}.post_attention_layernorm", ("blocks.{i}.mlp_norm",), False),
+    ("model.layers.{i}.mlp.gate_proj", ("blocks.{i}.mlp.gate_proj",), False),
+    ("model.layers.{i}.mlp.up_proj", ("blocks.{i}.mlp.up_proj",), False),
+    ("model.layers.{i}.mlp.down_proj", ("blocks.{i}.mlp.down_proj",), False),
+    ("model.norm", ("norm",), False),
+    ("lm_head", ("lm_head",), False),
+)
+
 LLAMA = Family(
     architectures=("LlamaForCausalLM", "MistralForCausalLM"),
     model_type="llama",
     tokenizer_class="PreTrainedTokenizerFast",
-    shape=dict(norm="rmsnorm", mlp="swiglu", position="rotary"),
-    fields={
-        "vocab_size": "vocab_size",
-        "num_hidden_layers": "n_layer",
-        "num_attention_heads": "n_head",
-        "num_key_value_heads": "n_kv_head",
-        "hidden_size": "d_model",
-        "intermediate_size": "d_ff",
-        "max_position_embeddings": "max_seq_len",
-        "rms_norm_eps": "norm_eps",
-        "rope_theta": "rope_theta",
-        "tie_word_embeddings": "tie_embeddings",
-        "attention_bias": "bias",
-        "mlp_bias": "bias",
-    },
-    defaults={
-        "num_key_value_heads": None,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-    },
+    shape=dict(norm="rmsnorm", mlp="swiglu", position="rotary", qkv_bias=False, qk_norm=False),
+    fields={**_LLAMA_FIELDS, "attention_bias": "bias", "mlp_bias": "bias"},
+    defaults={**_LLAMA_DEFAULTS, "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False},
     fixed={"hidden_act": ("silu",)},
-    modules=(
-        ("model.embed_tokens", ("tok_emb",), False),
-        ("model.layers.{i}.input_layernorm", ("blocks.{i}.attn_norm",), False),
-        ("model.layers.{i}.self_attn.q_proj", ("blocks.{i}.attn.q_proj",), False),
-        ("model.layers.{i}.self_attn.k_proj", ("blocks.{i}.attn.k_proj",), False),
-        ("model.layers.{i}.self_attn.v_proj", ("blocks.{i}.attn.v_proj",), False),
-        ("model.layers.{i}.self_attn.o_proj", ("blocks.{i}.attn.o_proj",), False),
-        ("model.layers.{i}.post_attention_layernorm", ("blocks.{i}.mlp_norm",), False),
-        ("model.layers.{i}.mlp.gate_proj", ("blocks.{i}.mlp.gate_proj",), False),
-        ("model.layers.{i}.mlp.up_proj", ("blocks.{i}.mlp.up_proj",), False),
-        ("model.layers.{i}.mlp.down_proj", ("blocks.{i}.mlp.down_proj",), False),
-        ("model.norm", ("norm",), False),
-        ("lm_head", ("lm_head",), False),
-    ),
+    modules=_LLAMA_MODULES,
     check=_llama_check,
 )
 
-FAMILIES = (GPT2, LLAMA)
+# Qwen2: Llama with biases on q, k and v alone.
+QWEN2 = Family(
+    architectures=("Qwen2ForCausalLM",),
+    model_type="qwen2",
+    tokenizer_class="PreTrainedTokenizerFast",
+    shape=dict(norm="rmsnorm", mlp="swiglu", position="rotary", bias=False, qkv_bias=True, qk_norm=False),
+    fields=_LLAMA_FIELDS,
+    defaults={**_LLAMA_DEFAULTS, "rope_theta": 1000000.0},
+    fixed={"hidden_act": ("silu",), "use_sliding_window": (False,)},
+    modules=_LLAMA_MODULES,
+    check=_llama_check,
+)
+
+# Qwen3: Llama with an RMSNorm over each head's query and key, before the rotary positions.
+QWEN3 = Family(
+    architectures=("Qwen3ForCausalLM",),
+    model_type="qwen3",
+    tokenizer_class="PreTrainedTokenizerFast",
+    shape=dict(norm="rmsnorm", mlp="swiglu", position="rotary", bias=False, qkv_bias=False, qk_norm=True),
+    fields=_LLAMA_FIELDS,
+    defaults={**_LLAMA_DEFAULTS, "rope_theta": 1000000.0},
+    fixed={"hidden_act": ("silu",), "use_sliding_window": (False,), "attention_bias": (False,)},
+    modules=(
+        *_LLAMA_MODULES,
+        ("model.layers.{i}.self_attn.q_norm", ("blocks.{i}.attn.q_norm",), False),
+        ("model.layers.{i}.self_attn.k_norm", ("blocks.{i}.attn.k_norm",), False),
+    ),
+    extra=lambda cfg: {"head_dim": cfg.head_dim},  # Qwen3's default is 128, whatever the width
+    check=lambda hf: _llama_check({"head_dim": 128, **hf}),
+)
+
+
+FAMILIES = (GPT2, LLAMA, QWEN2, QWEN3)
 
 
 def import_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
@@ -340,7 +369,7 @@ def _export_family(cfg: ModelConfig, checkpoint: Path) -> Family:
         if not wrong:
             return family
         misfits.append(f"{family.architectures[0]} needs {', '.join(wrong)}")
-    have = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("norm", "mlp", "position", "bias", "n_kv_head"))
+    have = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("norm", "mlp", "position", "bias", "qkv_bias", "qk_norm", "n_kv_head"))
     raise MtnlgError(f"{checkpoint}: the model ({have}) fits no Hugging Face architecture: {'; '.join(misfits)}")
 
 

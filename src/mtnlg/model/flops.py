@@ -47,8 +47,8 @@ def _block_vector_params(cfg: ModelConfig) -> int:
     """Biases and norm scales: parameters that are not matmul weights."""
     d, q, kv = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     n_up = 2 if cfg.mlp == "swiglu" else 1
-    biases = int(cfg.bias) * (q + 2 * kv + d + n_up * cfg.d_ff + d)
-    return biases + 2 * norm_params(cfg)
+    biases = int(cfg.bias or cfg.qkv_bias) * (q + 2 * kv) + int(cfg.bias) * (d + n_up * cfg.d_ff + d)
+    return biases + 2 * norm_params(cfg) + 2 * cfg.head_dim * int(cfg.qk_norm)
 
 
 def block_params(cfg: ModelConfig) -> int:

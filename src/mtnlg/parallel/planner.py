@@ -115,7 +115,7 @@ def _block_rank_params(cfg: ModelConfig, tp: int) -> int:
     (row-parallel) are cut over tp; the o/down biases, added after the reduction, and the norms stay whole."""
     d, q, kv, bias = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, int(cfg.bias)
     n_up = 2 if cfg.mlp == "swiglu" else 1
-    column = (q + 2 * kv + n_up * cfg.d_ff) * (d + bias)
+    column = (q + 2 * kv) * (d + int(cfg.bias or cfg.qkv_bias)) + n_up * cfg.d_ff * (d + bias)
     row = (q + cfg.d_ff) * d
     return (column + row) // tp + 2 * bias * d + 2 * norm_params(cfg)
 
