@@ -155,6 +155,7 @@ def tp_group():
     ("llama-tiny", dict(n_layer=5)),  # untied, no biases, rotary, swiglu, grouped-query attention
     ("llama-tiny", dict(n_layer=5, tie_embeddings=True)),
     ("llama-tiny", dict(n_layer=5, qkv_bias=True)),  # Qwen2: biases on q, k and v, cut with them
+    ("llama-tiny", dict(n_layer=5, qk_norm=True)),  # Qwen3: per-head norms, whole on every tp rank
 ])
 @pytest.mark.parametrize("pp, schedule", [(1, "1f1b"), (2, "1f1b"), (3, "1f1b"), (2, "interleaved-1f1b")])
 def test_rank_params_are_the_runtimes(tp_group, name, overrides, pp, schedule):

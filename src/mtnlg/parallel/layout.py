@@ -40,9 +40,6 @@ def stage_layers(n_layer: int, pp: int, schedule: str) -> list[range]:
 
 def check_tp(model_cfg: ModelConfig, tp: int) -> None:
     """Tensor parallelism splits heads, kv heads, the vocabulary and the MLP's hidden units evenly over tp."""
-    if tp > 1 and model_cfg.qk_norm:
-        raise MtnlgError("model.qk_norm (Qwen3's per-head norms) is not split over tensor-parallel ranks yet; "
-                         "use parallel.tp = 1 with FSDP (parallel.dp_shard) or pipeline stages")
     for name in ("n_head", "n_kv_head", "vocab_size", "d_ff"):
         value = getattr(model_cfg, name)
         if value % tp:

@@ -59,14 +59,20 @@ class ReplicateParallel(ParallelStyle):
     """Parameters replicated as DTensors over the tp group, plain tensors in and out.
 
     Used for modules that every tp rank computes whole (learned positions, norms without sequence
-    parallel). Their gradients are already identical on every rank, so no communication is needed;
-    making them DTensors keeps all parameters one kind, which foreach AdamW and grad clipping require.
+    parallel): their gradients are already identical on every rank, so no communication is needed. With
+    `input_layout` Shard(2), for modules applied to each head alone (Qwen3's q and k norms) on the heads the
+    column-parallel projection left this rank: their gradients are partial, and summed over the tp group.
+    Making these parameters DTensors keeps all parameters one kind, which foreach AdamW and clipping require.
     """
+
+    def __init__(self, input_layout: Replicate | Shard = Replicate()):
+        super().__init__()
+        self.input_layout = input_layout
 
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         def to_dtensor(mod, inputs, mesh):
             return tuple(
-                DTensor.from_local(x, mesh, (Replicate(),), run_check=False) if isinstance(x, torch.Tensor) else x
+                DTensor.from_local(x, mesh, (self.input_layout,), run_check=False) if isinstance(x, torch.Tensor) else x
                 for x in inputs
             )
 
@@ -85,6 +91,8 @@ def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
         "attn.q_proj": ColwiseParallel(),
         "attn.k_proj": ColwiseParallel(),
         "attn.v_proj": ColwiseParallel(),
+        "attn.q_norm": ReplicateParallel(Shard(2)),  # [batch, seq, heads, head_dim]: this rank's heads
+        "attn.k_norm": ReplicateParallel(Shard(2)),
         "attn.o_proj": RowwiseParallel(output_layouts=out),
         "mlp_norm": SequenceParallel() if sp else ReplicateParallel(),
         "mlp.up_proj": ColwiseParallel(),

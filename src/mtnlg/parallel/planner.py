@@ -117,7 +117,7 @@ def _block_rank_params(cfg: ModelConfig, tp: int) -> int:
     n_up = 2 if cfg.mlp == "swiglu" else 1
     column = (q + 2 * kv) * (d + int(cfg.bias or cfg.qkv_bias)) + n_up * cfg.d_ff * (d + bias)
     row = (q + cfg.d_ff) * d
-    return (column + row) // tp + 2 * bias * d + 2 * norm_params(cfg)
+    return (column + row) // tp + 2 * bias * d + 2 * norm_params(cfg) + 2 * cfg.head_dim * int(cfg.qk_norm)
 
 
 def rank_state_bytes(
