@@ -204,7 +204,8 @@ class ParallelConfig:
     sequence_parallel: also split norms and dropout along the sequence inside the tp group;
     pp: pipeline stages; dp_shard: FSDP (ZeRO-3) sharding; dp_replicate: data-parallel replicas (HSDP with dp_shard);
     activation_checkpointing: trade compute for activation memory (selective: recompute norms, activations
-    and dropout, keep matmul and attention outputs; full: keep only each block's input).
+    and dropout, keep matmul, attention and tensor-parallel collective outputs; full: keep only each block's
+    input).
     """
 
     tp: int = 1
