@@ -8,6 +8,7 @@ tested on any machine (tests/conftest.py's `cap_cpu`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -190,6 +191,4 @@ class Precision:
 
     def autocast(self):
         """The context a forward runs in: autocast to the compute dtype when it differs from the parameters'."""
-        import contextlib
-
         return torch.autocast(self.device_type, dtype=self.compute) if self.mixed else contextlib.nullcontext()

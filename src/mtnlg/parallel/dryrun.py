@@ -69,7 +69,9 @@ def _one_rank(config: Config, world_size: int, rank: int, seq: int) -> RankRepor
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         mesh = build_mesh(dims, "cpu")
-        stage_ids, stages = _stages(config, dims, mesh, precision, rank)
+        n_stages = len(stage_layers(config.model.n_layer, dims.pp, dims.cfg.pp_schedule)) if dims.pp > 1 else 1
+        stage_ids = list(range(dims.coordinates(rank)["pp"], n_stages, dims.pp))
+        stages = _stages(config, dims, mesh, precision, stage_ids)
         params = sum(_local(p).numel() for stage in stages for p in stage.parameters())
         gradient_bytes, optimizer_bytes = _step_state_bytes(stages, config)
         report = RankReport(
@@ -91,25 +93,21 @@ def _one_rank(config: Config, world_size: int, rank: int, seq: int) -> RankRepor
         dist.destroy_process_group()
 
 
-def _stages(config: Config, dims: ParallelDims, mesh: DeviceMesh, precision: Precision, rank: int,
-            data_parallel: bool = True) -> tuple[list[int], list[GPT]]:
-    """This rank's model parts as training lays them out, on the meta device; without `data_parallel`, the
-    same parts with tensor parallelism only (what can run a forward on meta tensors)."""
+def _stages(config: Config, dims: ParallelDims, mesh: DeviceMesh, precision: Precision, stage_ids: list[int],
+            data_parallel: bool = True) -> list[GPT]:
+    """The pipeline stages `stage_ids` as training lays them out, on the meta device; without `data_parallel`,
+    the same stages with tensor parallelism only (what can run a forward on meta tensors)."""
     if not data_parallel:
         dims = ParallelDims(dataclasses.replace(dims.cfg, dp_shard=1, dp_replicate=1), dims.tp * dims.pp)
     with torch.device("meta"):
         model = GPT(config.model)
     if dims.pp == 1:
-        return [0], [parallelize(model, dims, mesh, precision)]
+        return [parallelize(model, dims, mesh, precision)]
     layers = stage_layers(config.model.n_layer, dims.pp, dims.cfg.pp_schedule)
-    mine = list(range(dims.coordinates(rank)["pp"] if data_parallel else _pp_rank(mesh), len(layers), dims.pp))
-    return mine, [
-        parallelize(build_stage(model, layers[s], s == 0, s == len(layers) - 1), dims, mesh, precision) for s in mine
+    return [
+        parallelize(build_stage(model, layers[s], s == 0, s == len(layers) - 1), dims, mesh, precision)
+        for s in stage_ids
     ]
-
-
-def _pp_rank(mesh: DeviceMesh) -> int:
-    return mesh["pp"].get_local_rank()
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -158,7 +156,7 @@ def _collectives(config: Config, dims: ParallelDims, mesh: DeviceMesh, precision
     out: dict[str, list[int]] = {}
     if dims.tp_enabled:
         # Autocast does not act on meta tensors: weights in the compute dtype stand in for it.
-        _, tp_only = _stages(config, dims, mesh, precision, dist.get_rank(), data_parallel=False)
+        tp_only = _stages(config, dims, mesh, precision, stage_ids, data_parallel=False)
         count = _CountCollectives()
         with count:
             for s, stage in zip(stage_ids, tp_only):

@@ -51,9 +51,12 @@ class WholeModel:
         self.micro_batch_size = self.eval_rows = micro_batch_size
         self.forward = torch.compile(self.model) if compiled else self.model
 
+    def _micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward; returns the mean loss of the rows."""
-        micro_batches = list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
+        micro_batches = self._micro_batches(inputs, targets)
         total = torch.zeros((), device=inputs.device)
         for i, (x, y) in enumerate(micro_batches):
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP, replicas
@@ -68,7 +71,7 @@ class WholeModel:
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The rows' mean loss, forward only, in the micro-batches training uses."""
-        micro_batches = list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
+        micro_batches = self._micro_batches(inputs, targets)
         return sum(whole(parallel_loss(self.forward(x), y)) for x, y in micro_batches) / len(micro_batches)
 
     @torch.no_grad()
@@ -94,7 +97,6 @@ class ModelParts:
         )
         self.modules = self.schedule.modules
         self.optimizers = [build_optimizer(m, tc, fused=dist.device.type == "cuda") for m in self.modules]
-        self.eval_rows = self.schedule.eval_rows
 
     @property
     def pairs(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:

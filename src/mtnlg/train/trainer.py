@@ -221,7 +221,7 @@ class Trainer:
         """The `[eval]` tasks on the model as this run lays it out: each data-parallel rank scores its share of
         the documents in [rows, seq_len] batches of one evaluation forward, and all get the whole result.
         Keys are "task/metric" (standard errors left out)."""
-        scorer = RowScorer(self.parts.token_scores, self.config.model.max_seq_len, self.parts.eval_rows, self.device)
+        scorer = RowScorer(self.parts.token_scores, self.config.model.max_seq_len, self.parts.schedule.eval_rows, self.device)
         ranks = (self.dims.dp_rank(self.dist.rank), self.dims.dp_size)
         results = run(scorer, self.tokenizer, self.eval_tasks, self.eval_plan, self.eval_options, ranks)
         return {f"{r.task.name}/{m}": v for r in results for m, v in r.metrics.items() if not m.endswith("_stderr")}
