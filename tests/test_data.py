@@ -211,9 +211,9 @@ def test_batch_loader_resumes_exactly(tmp_path):
     ds = SampleDataset(stream_shard(tmp_path / "s", 300), 8, seed=0)  # 37 samples: batches cross epochs
     straight = BatchLoader(ds)
     expected = [straight.next_batch(5) for _ in range(12)]
-    x, y = expected[0]
+    x, y = expected[0].inputs, expected[0].targets
     assert x.shape == y.shape == (5, 8) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x[:, 1:], y[:, :-1]) and expected[0].positions is None and expected[0].loss_tokens == 40
 
     first = BatchLoader(SampleDataset(ds.data, 8, seed=0))
     for _ in range(7):
@@ -224,7 +224,7 @@ def test_batch_loader_resumes_exactly(tmp_path):
     resumed.load_state_dict(state)
     for want in expected[7:]:
         got = resumed.next_batch(5)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(got.inputs, want.inputs) and torch.equal(got.targets, want.targets)
 
 
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (0.5, 0.3, 0.2), (5, 1)])

@@ -23,9 +23,9 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import safetensors.torch
@@ -38,6 +38,9 @@ from mtnlg.files import atomic_file, write_text_atomic
 from mtnlg.model.flops import human, model_size
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from mtnlg.parallel.parallelize import Initial
 
 MODEL_FILE = "model.safetensors"
 STATE_DIR = "state"
@@ -68,6 +71,12 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: Config, tok
         _write_description(tmp, config, tokenizer)
         safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
     return directory
+
+
+def check_destination(dst: Path, force: bool) -> None:
+    """A verb writing a new checkpoint or model folder refuses to mix it into another, unless told to replace it."""
+    if not force and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise MtnlgError(f"{dst} already exists and is not empty; choose a new folder or pass --force to replace it")
 
 
 def _write_description(directory: Path, config: Config, tokenizer: Tokenizer) -> None:
@@ -188,8 +197,9 @@ def _name_tied_optimizer_state_twice(parts: Parts, optim_state: dict[str, Any]) 
 def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # strict=False: a pipeline stage holds only some of the saved names.
-    return StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+    # strict=False: a pipeline stage holds only some of the saved names. Frozen parameters (a LoRA run's
+    # base weights) are left out: its checkpoints hold the adapters and their optimizer state alone.
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=False, ignore_frozen_params=True)
 
 
 def consolidate_from_main(checkpoint: Path, is_main: bool) -> None:
@@ -209,6 +219,9 @@ def consolidate_from_main(checkpoint: Path, is_main: bool) -> None:
 
 def consolidate(checkpoint: Path) -> Path:
     """Write model.safetensors from state/, one tensor in memory at a time; return its path."""
+    if load_config_file(checkpoint).lora.r:
+        raise MtnlgError(f"{checkpoint} holds LoRA adapters, not a whole model; mtnlg merge writes the base model with "
+                         "them folded in")
     if not (checkpoint / STATE_DIR).is_dir():
         raise MtnlgError(f"{checkpoint} has no {STATE_DIR}/ to consolidate; its weights are already in {MODEL_FILE}")
     try:
@@ -385,14 +398,70 @@ def load_config_file(checkpoint: Path) -> Config:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Config]:
     """Build the model a checkpoint describes and load its weights (ready for eval). The model gets memory
-    but no initial values (every tensor comes from the checkpoint), so it is held once."""
+    but no initial values (every tensor comes from the checkpoint), so it is held once. A LoRA checkpoint
+    holds adapters alone: its base model's weights are read too, and the adapters merged into them."""
     checkpoint = resolve_checkpoint(path)
     config = load_config_file(checkpoint)
     with torch.device("meta"):
         model = GPT(config.model)
-    model.to_empty(device=device)
-    load_weights(model, checkpoint)
+    if config.lora.r:
+        from mtnlg.finetune.lora import apply_lora, is_adapter, merge_lora
+        from mtnlg.parallel.parallelize import materialize
+
+        apply_lora(model, config.lora)
+        base, adapters = tensor_reader(base_of(checkpoint, config)), tensor_reader(checkpoint)
+        merge_lora(materialize(model, device, lambda _, name: (adapters if is_adapter(name) else base)(name)))
+    else:
+        model.to_empty(device=device)
+        load_weights(model, checkpoint)
     return model.eval(), Tokenizer.load(checkpoint), config
+
+
+def base_of(checkpoint: Path, config: Config) -> Path:
+    """The base model a fine-tuned (LoRA) checkpoint's adapters apply to."""
+    try:
+        return resolve_checkpoint(config.finetune.base)
+    except MtnlgError:
+        raise MtnlgError(f"{checkpoint} holds LoRA adapters for the base model {config.finetune.base} (finetune.base "
+                         "in its config.json), which is not there; put it back, or point finetune.base at a copy") from None
+
+
+def tensor_reader(checkpoint: Path) -> Callable[[str], torch.Tensor]:
+    """A function reading one tensor of a checkpoint's model by name, whole and on the CPU, from its
+    model.safetensors or else its state/: what fine-tuning starts from, one tensor in memory at a time."""
+    if (checkpoint / MODEL_FILE).is_file():
+        weights = safetensors.safe_open(str(checkpoint / MODEL_FILE), "pt")
+        names = set(weights.keys())
+
+        def read(name: str) -> torch.Tensor:
+            name = TIED_KEPT if name == TIED_DROPPED and name not in names else name
+            if name not in names:
+                raise MtnlgError(f"{checkpoint / MODEL_FILE} has no tensor {name}; the checkpoint does not hold the "
+                                 "model its config.json describes")
+            return weights.get_tensor(name)
+
+        return read
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(checkpoint / STATE_DIR)
+    tensors = _state_tensors(reader)
+
+    def read_state(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise MtnlgError(f"{checkpoint / STATE_DIR} has no tensor {name}; the checkpoint does not hold the "
+                             "model its config.json describes")
+        value = torch.empty(tensors[name][0], dtype=tensors[name][1])
+        with _quiet_single_process():
+            dcp.load({f"model.{name}": value}, storage_reader=reader, no_dist=True)
+        return value
+
+    return read_state
+
+
+def base_weights(checkpoint: Path) -> Initial:
+    """A base model's weights as the first values of a model to train (fine-tuning, continued pretraining)."""
+    read = tensor_reader(checkpoint)
+    return lambda _, name: read(name)
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:

@@ -47,18 +47,39 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mtnlg.config import load_config
+
+    return _fit(load_config(_config_path(args.config), args.overrides), args.resume)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mtnlg.finetune.config import finetune_config
+
+    return _fit(finetune_config(args.base, args.data, args.config and _config_path(args.config), args.overrides), args.resume)
+
+
+def _fit(config, resume: bool | str) -> int:
+    """Train (or fine-tune) as `config` says, reporting on rank 0; the exit code says how it ended."""
     from mtnlg.checkpoint import checkpoint_bytes
     from mtnlg.model.flops import human
     from mtnlg.train.trainer import Trainer
 
-    config = load_config(_config_path(args.config), args.overrides)
-    trainer = Trainer(config, resume=args.resume)
+    trainer = Trainer(config, resume=resume)
     say = print if trainer.dist.is_main else lambda *_, **__: None
     if trainer.resumed_from is not None:
         say(f"resuming {trainer.run_dir} from step {trainer.step} ({trainer.resumed_from})", flush=True)
     else:
-        say(f"starting {trainer.run_dir} from scratch", flush=True)
-    size = human(checkpoint_bytes(config.model, consolidated=config.train.consolidate == "every"), "B")
+        say(f"starting {trainer.run_dir} from {trainer.base or 'scratch'}", flush=True)
+    if config.finetune.data:
+        data, val = trainer.train_data, trainer.val_data
+        cut = f"; {data.cut} cut to model.max_seq_len {config.model.max_seq_len}" if data.cut else ""
+        say(f"fine-tuning on {len(data.examples)} examples ({len(val.examples) if val else 0} held out for "
+            f"validation{cut})", flush=True)
+    if config.lora.r:
+        from mtnlg.finetune.lora import adapter_params
+
+        size = f"{human(12 * adapter_params(config.model, config.lora), 'B')} (the adapters and their optimizer state)"
+    else:
+        size = human(checkpoint_bytes(config.model, consolidated=config.train.consolidate == "every"), "B")
     say(f"each checkpoint takes about {size} in {trainer.checkpoints_dir} (train.keep_last = "
         f"{config.train.keep_last or 'all'} kept)", flush=True)
     result = trainer.fit()
@@ -171,12 +192,16 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    """A quick try in the terminal: the transcript so far is the prompt of each reply."""
+    """A quick try in the terminal: the conversation so far, rendered by the model's chat template (as the
+    server and fine-tuning render it), is the prompt of each reply."""
     import mtnlg
 
     model = mtnlg.load(args.checkpoint, args.device, dtype=args.dtype)
-    params = {**_sampling(args), "truncate": True, "stop": ["\nUser:"]}
-    transcript = ""
+    tokenizer = model.tokenizer
+    params = {**_sampling(args), "truncate": True}
+    params["stop"] = [*params["stop"], *tokenizer.chat_stop]
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    tokenizer.render_chat(messages)  # a template that cannot render the system message fails before the first turn
     print("mtnlg chat: type a message, an empty line or Ctrl-D to quit.")
     while True:
         try:
@@ -185,9 +210,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not message or message in ("exit", "quit"):
             break
-        transcript += f"User: {message}\nAssistant:"
+        messages.append({"role": "user", "content": message})
         sys.stdout.write("Assistant:")
-        transcript += _print_stream(model, transcript, params) + "\n"
+        reply = _print_stream(model, tokenizer.render_chat(messages), params)
+        messages.append({"role": "assistant", "content": reply.strip()})
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -402,6 +428,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote Hugging Face model {export_hf(args.src, args.dst, force=args.force)} (load it with from_pretrained)")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from mtnlg.finetune.lora import merge_checkpoint
+
+    print(f"wrote mtnlg checkpoint {merge_checkpoint(args.run, args.output, force=args.force)} (base model with the "
+          "adapters folded in)")
+
+
 def cmd_consolidate(args: argparse.Namespace) -> None:
     from mtnlg.checkpoint import consolidate, resolve_checkpoint
     from mtnlg.model.flops import human
@@ -448,6 +481,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_train)
 
+    p = verbs.add_parser("finetune", help="supervised fine-tuning (full or LoRA) of a checkpoint on instruction, chat or "
+                         "prompt/completion examples; --section.key value overrides")
+    p.add_argument("base", metavar="BASE", help="the model to start from: a run, checkpoint or imported model")
+    p.add_argument("--data", required=True, help="a .jsonl (or .json) file of Alpaca, chat or prompt/completion records")
+    p.add_argument("--config", help="a TOML file of settings (e.g. [lora] r = 8); overrides win over it")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help="continue the run's latest checkpoint (auto: if there is one)")
+    p.set_defaults(handler=cmd_finetune)
+
+    p = verbs.add_parser("merge", help="fold a LoRA run's adapters into its base model -> a whole mtnlg checkpoint")
+    p.add_argument("run", metavar="RUN", help="a LoRA run directory or checkpoint")
+    p.add_argument("output", metavar="OUTPUT", help="the folder to write the merged checkpoint to")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    p.set_defaults(handler=cmd_merge)
+
     p = verbs.add_parser("generate", help="continue prompts from a checkpoint or run directory")
     _add_sampling_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -468,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_generate)
 
-    p = verbs.add_parser("chat", help="talk to a model in the terminal")
+    p = verbs.add_parser("chat", help="talk to a model in the terminal (its chat template, as the server uses)")
     _add_sampling_args(p, temperature=0.7)
+    p.add_argument("--system", help="a system message to start the conversation with")
     p.set_defaults(handler=cmd_chat)
 
     p = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, embeddings) with a playground")
@@ -574,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
-        if rest and args.verb not in ("train", "demo"):
+        if rest and args.verb not in ("train", "finetune", "demo"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = rest
     try:

@@ -249,18 +249,60 @@ class EvalConfig:
                 raise MtnlgError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
 
 
-SECTIONS = ("model", "train", "parallel", "eval")
-_SECTIONS_TEXT = "sections are [model], [train], [parallel] and [eval]"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj", "lm_head")
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (`mtnlg finetune`): examples from a JSONL file instead of token shards, and the
+    model's first weights from a base checkpoint instead of a random draw."""
+
+    base: str = ""  # the checkpoint whose weights training starts from (a run, checkpoint or imported model)
+    data: str = ""  # Alpaca JSON/JSONL, chat JSONL ({"messages": [...]}) or prompt/completion JSONL
+    val_fraction: float = 0.05  # share of the examples held out for validation (at least one when > 0)
+    train_on_prompt: bool = False  # also train on the prompt tokens (default: only on the responses)
+    packing: bool = True  # several examples per row (attention kept within each), else one padded example per row
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise MtnlgError(f"finetune.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA): W x + (alpha / r) B A dropout(x) on the target layers, whose own weights stay
+    frozen; r = 0 trains every weight instead (full fine-tuning)."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names, as in LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.r < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise MtnlgError(f"lora needs r >= 0, alpha > 0 and dropout in [0, 1); got r {self.r}, alpha {self.alpha}, "
+                             f"dropout {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or (self.r and not self.targets):
+            raise MtnlgError(f"lora.targets: unknown module {unknown[0]!r}; " if unknown else "lora.targets is empty; "
+                             f"choose among {', '.join(LORA_TARGETS)}")
+
+
+SECTIONS = ("model", "train", "parallel", "eval", "finetune", "lora")
+_SECTIONS_TEXT = "sections are [model], [train], [parallel], [eval], [finetune] and [lora]"
 
 
 @dataclass
 class Config:
-    """A whole run: `[model]` (with an optional `preset`), `[train]`, `[parallel]` and `[eval]` sections."""
+    """A whole run: `[model]` (with an optional `preset`), `[train]`, `[parallel]`, `[eval]`, and for fine-tuning
+    `[finetune]` and `[lora]` sections."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -285,6 +327,8 @@ class Config:
             train=TrainConfig(**_typed(TrainConfig, "train", data.get("train", {}))),
             parallel=ParallelConfig(**_typed(ParallelConfig, "parallel", data.get("parallel", {}))),
             eval=EvalConfig(**_typed(EvalConfig, "eval", data.get("eval", {}))),
+            finetune=FinetuneConfig(**_typed(FinetuneConfig, "finetune", data.get("finetune", {}))),
+            lora=LoraConfig(**_typed(LoraConfig, "lora", data.get("lora", {}))),
         )
 
 
@@ -345,19 +389,25 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (optional), apply `--section.key value` overrides, validate."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, defaults: dict[str, dict[str, Any]] | None = None
+) -> Config:
+    """Read a TOML file (optional) over `defaults` (a verb's own, such as fine-tuning's), apply `--section.key
+    value` overrides, validate."""
+    data: dict[str, Any] = json.loads(json.dumps(defaults or {}))  # a deep copy we may edit
+    layers: list[dict[str, Any]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise MtnlgError(f"{path}: no such config file; pass a TOML file such as configs/demo.toml")
         try:
-            data = tomllib.loads(path.read_text())
+            layers.append(tomllib.loads(path.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise MtnlgError(f"{path}: invalid TOML ({e}); fix the file") from None
-    for section, values in parse_overrides(overrides or []).items():
-        if not isinstance(data.get(section, {}), dict):
-            raise MtnlgError(f"{section} is not a config section; {_SECTIONS_TEXT}")
-        data.setdefault(section, {}).update(values)
+    layers.append(parse_overrides(overrides or []))
+    for layer in layers:
+        for section, values in layer.items():
+            if not isinstance(values, dict) or not isinstance(data.get(section, {}), dict):
+                raise MtnlgError(f"{section} is not a config section; {_SECTIONS_TEXT}")
+            data.setdefault(section, {}).update(values)
     return Config.from_dict(data)

@@ -95,6 +95,12 @@ class Tokenizer:
         except TemplateError as e:
             raise MtnlgError(f"the chat template cannot render these messages: {e}") from None
 
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Where a chat reply ends besides the end-of-document token: the default template's next user turn (a
+        model's own template ends its turns with tokens of its own)."""
+        return DEFAULT_CHAT_STOP if (self.chat_template or DEFAULT_CHAT_TEMPLATE) == DEFAULT_CHAT_TEMPLATE else ()
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -7,8 +7,8 @@ number of samples consumed.
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from mtnlg.data.batch import Batch
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.errors import MtnlgError
 
@@ -97,17 +97,18 @@ def build_dataset(spec: str, split: str, seq_len: int, seed: int) -> SampleDatas
 
 
 class BatchLoader:
-    """Yields batches in a fixed order; its position (consumed samples) is part of the training state."""
+    """Yields batches in a fixed order; its position (consumed samples) is part of the training state.
+    `dataset` is any object whose `sample(i)` gives sample i of an endless sequence: token windows here,
+    fine-tuning rows in mtnlg.finetune.data."""
 
-    def __init__(self, dataset: SampleDataset | BlendedDataset, consumed_samples: int = 0):
+    def __init__(self, dataset, consumed_samples: int = 0):
         self.dataset, self.consumed_samples = dataset, consumed_samples
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both int64 [batch_size, seq_len]; targets are inputs shifted left by one."""
+    def next_batch(self, batch_size: int) -> Batch:
+        """The next `batch_size` samples; targets are the inputs shifted left by one."""
         start = self.consumed_samples
-        batch = torch.from_numpy(np.stack([self.dataset.sample(start + b) for b in range(batch_size)]))
         self.consumed_samples += batch_size
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return Batch.collate([self.dataset.sample(start + b) for b in range(batch_size)])
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}

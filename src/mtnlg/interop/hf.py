@@ -21,7 +21,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from mtnlg.checkpoint import atomic_directory, load_model, resolve_checkpoint, save_checkpoint
+from mtnlg.checkpoint import atomic_directory, check_destination, load_model, resolve_checkpoint, save_checkpoint
 from mtnlg.config import Config, ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.model.gpt import GPT
@@ -181,7 +181,7 @@ FAMILIES = (GPT2, LLAMA, QWEN2, QWEN3)
 def import_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
     """Convert a Hugging Face model folder (config.json, weights, tokenizer) into an mtnlg checkpoint directory."""
     src, dst = Path(src), Path(dst)
-    _check_destination(dst, force)
+    check_destination(dst, force)
     hf = _read_hf_config(src)
     family = _family(hf, src)
     cfg = _model_config(family, hf, src)
@@ -200,7 +200,7 @@ def import_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
 def export_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
     """Write an mtnlg checkpoint (or a run's latest) as a Hugging Face folder that transformers loads offline."""
     dst = Path(dst)
-    _check_destination(dst, force)
+    check_destination(dst, force)
     checkpoint = resolve_checkpoint(src)
     model, tokenizer, config = load_model(checkpoint)
     family = _export_family(config.model, checkpoint)
@@ -236,11 +236,6 @@ def export_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
         tokenizer.save(tmp)  # before tokenizer_config.json, which it would write with the chat template alone
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return dst
-
-
-def _check_destination(dst: Path, force: bool) -> None:
-    if not force and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise MtnlgError(f"{dst} already exists and is not empty; choose a new folder or pass --force to replace it")
 
 
 def _read_hf_config(src: Path) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,9 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
+from mtnlg.config import LoraConfig
 from mtnlg.errors import MtnlgError
+from mtnlg.finetune.lora import apply_lora
 from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT, cross_entropy
 from mtnlg.parallel.layout import ParallelDims
@@ -233,10 +236,13 @@ def apply_replicate(model: GPT, dp_mesh: DeviceMesh, precision: Precision) -> No
     replicate(model, mesh=dp_mesh, mp_policy=policy)
 
 
-def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, precision: Precision) -> GPT:
+def parallelize(
+    model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, precision: Precision, lora: LoraConfig | None = None
+) -> GPT:
     """Apply the layout in `dims` to `model` (best built on the meta device, then `materialize`d), in place;
     returns it. With parallel.pp > 1, `model` is one pipeline stage (mtnlg.parallel.pipeline cuts the model
-    and calls this for each stage). `mesh` is None for a single process."""
+    and calls this for each stage). `mesh` is None for a single process. With `lora` (r > 0), LoRA adapters
+    go on its target layers after tensor parallelism has split them, so they are split to match."""
     dims.validate_model(model.cfg)
     if dims.pp > 1 and len(model.blocks) == model.cfg.n_layer:
         raise MtnlgError(
@@ -245,6 +251,8 @@ def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, precisi
         )
     if dims.tp_enabled:
         apply_tp(model, mesh["tp"], dims.sequence_parallel)
+    if lora is not None and lora.r:
+        apply_lora(model, lora)
     if dims.cfg.activation_checkpointing != "none":
         apply_ac(model, dims.cfg.activation_checkpointing)
     apply_precision(model, precision)
@@ -256,23 +264,33 @@ def parallelize(model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, precisi
     return model
 
 
+# Where a parameter's first value comes from: (the module being materialized, the parameter's name) -> its
+# whole value on the CPU. `GPT.initial_value` for a new model; a base checkpoint's tensor when fine-tuning.
+Initial = Callable[[nn.Module, str], torch.Tensor]
+
+
 @torch.no_grad()
-def materialize(model: GPT, device: torch.device, seed: int | None) -> GPT:
-    """Memory on `device` and initial weights for a model built on the meta device and laid out: each
-    parameter's whole value is drawn from (seed, name) on the CPU and this rank keeps its piece, so a rank
-    holds its shards plus one whole parameter at a time, and every layout starts from the same weights.
-    No seed: memory only, for weights a checkpoint is about to fill."""
+def materialize(model: GPT, device: torch.device, initial: Initial | None) -> GPT:
+    """Memory on `device` and first weights for a model built on the meta device and laid out: each
+    parameter's whole value comes from `initial` on the CPU and this rank keeps its piece, so a rank holds
+    its shards plus one whole parameter at a time, and every layout starts from the same weights. No
+    `initial`: memory only, for weights a checkpoint is about to fill."""
     model.to_empty(device=device)
-    if seed is None:
+    if initial is None:
         return model
     for name, param in model.named_parameters():
-        value = model.initial_value(name, seed)
+        value = initial(model, name)
         if isinstance(param, DTensor):
             shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
             value = value[tuple(slice(start, start + size) for start, size in zip(offset, shape))]
             param = param.to_local()
         param.copy_(value)
     return model
+
+
+def new_weights(seed: int) -> Initial:
+    """A new model's first weights: `GPT.initial_value`, drawn per (seed, parameter name)."""
+    return lambda model, name: model.initial_value(name, seed)
 
 
 # -- the training-step pieces that must know about the layout -------------------------------------
@@ -306,14 +324,16 @@ def loss_context(logits: torch.Tensor):
     return loss_parallel_scope() if _vocab_sharded(logits) else contextlib.nullcontext()
 
 
-def parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss. Vocabulary-sharded DTensor logits use a vocab-parallel cross entropy (the
-    softmax max and sum are all-reduced, the full logits are never gathered); call `.backward()` inside
+def parallel_loss(logits: torch.Tensor, targets: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """Next-token loss: the sum over the targets (IGNORE skipped) divided by `denominator`, by default their
+    number (the mean). Vocabulary-sharded DTensor logits use a vocab-parallel cross entropy (the softmax max
+    and sum are all-reduced, the full logits are never gathered); call `.backward()` inside
     `loss_context(logits)` as well. Plain logits take the model's own `cross_entropy`."""
     if not _vocab_sharded(logits):
-        return cross_entropy(logits, targets)
+        return cross_entropy(logits, targets, denominator)
     with loss_parallel_scope():
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        return loss / (denominator or targets.numel())
 
 
 def _vocab_sharded(logits: torch.Tensor) -> bool:

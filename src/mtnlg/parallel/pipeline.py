@@ -16,9 +16,9 @@ parallelism each tp rank's sequence shard [micro_batch, seq / tp, d_model], sent
 the next stage; no gather is needed at the boundary. A stage cannot tell the sequence length from a
 shard, so every stage is given the positions explicitly.
 
-The loss is each micro-batch's mean loss; the schedule divides the gradients by the number of
-micro-batches (scale_grads), so they are the gradients of the mean loss over the step's batch, as in one
-process (data parallelism's mean over ranks does the rest).
+Each micro-batch's loss is its summed token loss over its share of the step's counted targets; the schedule
+divides the gradients by the number of micro-batches (scale_grads), so they are the gradients of the loss
+over the step's batch, as in one process (data parallelism's mean over ranks does the rest).
 
 Tied embeddings: the first stage holds `tok_emb.weight`, the last stage `lm_head.weight`, equal at the
 start because the last stage initializes its copy as the embedding (`GPT.initial_value`). After each
@@ -38,11 +38,20 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from mtnlg.config import LoraConfig
+from mtnlg.data.batch import Batch
 from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
 from mtnlg.parallel.layout import ParallelDims, stage_layers
-from mtnlg.parallel.parallelize import clip_grad_norm_, loss_parallel_scope, materialize, parallel_loss, parallelize
+from mtnlg.parallel.parallelize import (
+    Initial,
+    clip_grad_norm_,
+    loss_parallel_scope,
+    materialize,
+    parallel_loss,
+    parallelize,
+)
 
 
 def build_stage(model: GPT, layers: range, first: bool, last: bool) -> GPT:
@@ -66,7 +75,7 @@ class Pipeline:
 
     def __init__(
         self, model: GPT, dims: ParallelDims, mesh: DeviceMesh, device: torch.device, precision: Precision,
-        seed: int | None, micro_batch_size: int,
+        initial: Initial | None, micro_batch_size: int, lora: LoraConfig | None = None,
     ):
         cfg = dims.cfg
         layers = stage_layers(model.cfg.n_layer, cfg.pp, cfg.pp_schedule)
@@ -76,7 +85,7 @@ class Pipeline:
         pp_rank = mesh["pp"].get_local_rank()
         self.stage_ids = list(range(pp_rank, n_stages, cfg.pp))
         stages = [build_stage(model, layers[s], s == 0, s == n_stages - 1) for s in self.stage_ids]
-        self.modules = [materialize(parallelize(stage, dims, mesh, precision), device, seed) for stage in stages]
+        self.modules = [materialize(parallelize(stage, dims, mesh, precision, lora), device, initial) for stage in stages]
         self.is_first, self.is_last = pp_rank == 0, pp_rank == cfg.pp - 1
         self.eval_rows = dims.cfg.microbatches * micro_batch_size  # a whole step's rows: the schedule splits them
         pipeline_stages = [
@@ -84,11 +93,15 @@ class Pipeline:
             for s, stage in zip(self.stage_ids, self.modules)
         ]
         if cfg.pp_schedule == "interleaved-1f1b":
-            self.schedule = ScheduleInterleaved1F1B(pipeline_stages, cfg.microbatches, loss_fn=parallel_loss)
+            self.schedule = ScheduleInterleaved1F1B(pipeline_stages, cfg.microbatches, loss_fn=self._loss)
         else:
             single = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
-            self.schedule = single(pipeline_stages[0], cfg.microbatches, loss_fn=parallel_loss)
+            self.schedule = single(pipeline_stages[0], cfg.microbatches, loss_fn=self._loss)
         self.tied_group = self._tied_group(mesh) if model.cfg.tie_embeddings else None
+        self._denominator = 1.0  # of the micro-batch losses: set per step
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return parallel_loss(logits, targets, self._denominator)
 
     def _tied_group(self, mesh: DeviceMesh) -> dist.ProcessGroup | None:
         """This rank's group of the first and last pipeline rank of one (dp_replicate, dp_shard, tp)
@@ -114,30 +127,31 @@ class Pipeline:
         """Every parameter of this rank's stages (the tied embedding on both its first and last rank)."""
         return [p for stage in self.modules for p in stage.parameters()]
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def step(self, batch: Batch, denominator: float) -> torch.Tensor:
         """Forward and backward of this data-parallel rank's batch, in `parallel.microbatches` micro-batches,
         then the tied embedding's gradients summed.
 
-        Every rank of the pipeline passes the same `inputs` and `targets` [batch, seq] and gets back the
-        batch's mean loss (computed on the last stage, broadcast over the pipeline for logging).
+        Every rank of the pipeline passes the same batch and gets back its summed loss over `denominator`
+        (computed on the last stage, sent over the pipeline for logging). The schedule divides the gradients
+        by the number of micro-batches, so each micro-batch's loss is taken over denominator / microbatches.
         """
         losses: list[torch.Tensor] = []
+        self._denominator = denominator / self.dims.cfg.microbatches
         with self._loss_scope():
-            self.schedule.step(
-                inputs, target=targets, losses=losses, return_outputs=False, positions=self._positions(inputs)
-            )
+            self.schedule.step(batch.inputs, target=batch.targets, losses=losses, return_outputs=False,
+                               **self._stage_inputs(batch))
         self._sum_tied_grads()
-        return self._mean_loss(losses, inputs.device)
+        return self._total_loss(losses, batch.inputs.device)
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The batch's mean loss, forward only, on every pipeline rank (put the stages in eval mode first)."""
+    def evaluate(self, batch: Batch, denominator: float) -> torch.Tensor:
+        """`step`'s loss, forward only, on every pipeline rank (put the stages in eval mode first)."""
         losses: list[torch.Tensor] = []
+        self._denominator = denominator / self.dims.cfg.microbatches
         with self._loss_scope():
-            self.schedule.eval(
-                inputs, target=targets, losses=losses, return_outputs=False, positions=self._positions(inputs)
-            )
-        return self._mean_loss(losses, inputs.device)
+            self.schedule.eval(batch.inputs, target=batch.targets, losses=losses, return_outputs=False,
+                               **self._stage_inputs(batch))
+        return self._total_loss(losses, batch.inputs.device)
 
     @torch.no_grad()
     def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +160,7 @@ class Pipeline:
         from mtnlg.eval.scoring import token_scores
 
         with self._loss_scope():
-            logits = self.schedule.eval(inputs, target=targets, losses=[], positions=self._positions(inputs))
+            logits = self.schedule.eval(inputs, target=targets, losses=[], **self._stage_inputs(Batch(inputs, targets)))
         scores = torch.zeros(2, *targets.shape, device=inputs.device)  # log-probabilities, and greedy as 0/1
         if self.is_last:
             logprobs, greedy = token_scores(logits, targets)
@@ -154,20 +168,22 @@ class Pipeline:
         dist.broadcast(scores, group=self.pp_group, group_src=self.dims.pp - 1)
         return scores[0], scores[1].bool()
 
-    def _positions(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Positions for every stage, one row per sample so that the schedule splits them with the batch (of
-        parallel.microbatches x train.micro_batch_size rows: mtnlg.parallel.layout.check_pipeline_batch)."""
-        return torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
+    def _stage_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Positions (and a packed batch's mask) for every stage, one row per sample so that the schedule splits
+        them with the batch (of parallel.microbatches x train.micro_batch_size rows:
+        mtnlg.parallel.layout.check_pipeline_batch)."""
+        inputs = batch.inputs
+        return batch.model_inputs() or {"positions": torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)}
 
     def _loss_scope(self) -> contextlib.AbstractContextManager:
         """The vocab-parallel loss (and its backward) run inside the schedule: hold the scope around it."""
         return loss_parallel_scope() if self.dims.tp_enabled else contextlib.nullcontext()
 
-    def _mean_loss(self, losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Micro-batches are equal, so the mean of their mean losses is the batch's; sent from the last stage."""
+    def _total_loss(self, losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The sum of the micro-batch losses over the schedule's count of them, sent from the last stage."""
         loss = torch.zeros((), device=device)
         if self.is_last:
-            loss = torch.stack([whole(x).detach() for x in losses]).mean()
+            loss = torch.stack([whole(x).detach() for x in losses]).sum() / self.dims.cfg.microbatches
         dist.broadcast(loss, group=self.pp_group, group_src=self.dims.pp - 1)
         return loss
 

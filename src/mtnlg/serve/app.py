@@ -36,7 +36,6 @@ from mtnlg.serve.protocol import (
     APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Prompt, TokenizeRequest,
 )
 from mtnlg.serve.runner import EngineRunner, Listener, QueueFull
-from mtnlg.tokenizer import DEFAULT_CHAT_STOP
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 OPEN_PATHS = {"/", "/health", "/metrics"}  # no API key asked
@@ -197,8 +196,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, server.context - len(prompt))
         server.check_length(prompt, max_tokens, field)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        stop = DEFAULT_CHAT_STOP if tokenizer.chat_template is None else ()
-        seqs = server.requests([prompt], body.sampling(max_tokens, logprobs, stop=stop))
+        seqs = server.requests([prompt], body.sampling(max_tokens, logprobs, stop=tokenizer.chat_stop))
         listener = server.submit(seqs)
         reply = _Reply("chatcmpl", settings.name, server, seqs, body, [prompt])
         if body.stream:

@@ -4,7 +4,7 @@ pipeline stages), each with an optimizer, and the schedule that runs a batch thr
 The model is built on the meta device, laid out (tensor/sequence parallel, activation checkpointing, the
 compute precision, FSDP or replicas, pipeline stages) and only then given memory, so a rank never holds more
 than its own shards plus one whole parameter, and initialized per (seed, parameter name), so every layout
-starts from the same weights. The trainer, pretraining or fine-tuning, calls `train_step`, `evaluate`,
+starts from the same weights (or from a base model's, when fine-tuning). The trainer, pretraining or fine-tuning, calls `train_step`, `evaluate`,
 `token_scores` and reads `pairs` for checkpoints, whatever the layout.
 """
 
@@ -16,26 +16,36 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from mtnlg.config import Config
+from mtnlg.config import Config, LoraConfig
+from mtnlg.data.batch import Batch
 from mtnlg.eval.scoring import token_scores
 from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
 from mtnlg.parallel.layout import ParallelDims
 from mtnlg.parallel.launch import Distributed
-from mtnlg.parallel.parallelize import clip_grad_norm_, loss_context, materialize, parallel_loss, parallelize
+from mtnlg.parallel.parallelize import (
+    Initial,
+    clip_grad_norm_,
+    loss_context,
+    materialize,
+    parallel_loss,
+    parallelize,
+)
 from mtnlg.parallel.pipeline import Pipeline
 from mtnlg.train.optim import build_optimizer
 
 
 class Schedule(Protocol):
-    """How a rank's rows of a batch run through its model parts: `WholeModel`, or `Pipeline` stages."""
+    """How a rank's rows of a batch run through its model parts: `WholeModel`, or `Pipeline` stages.
+    `denominator`: what the summed loss of the rows is divided by (`Batch.loss_tokens` of the global batch
+    over the data-parallel ranks, whose gradients are averaged)."""
 
     modules: list[GPT]
     eval_rows: int  # rows of one evaluation forward
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def step(self, batch: Batch, denominator: float) -> torch.Tensor: ...
+    def evaluate(self, batch: Batch, denominator: float) -> torch.Tensor: ...
     def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...
 
@@ -45,34 +55,34 @@ class WholeModel:
     rows in micro-batches of train.micro_batch_size whose gradients synchronise once, after the last."""
 
     def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
-                 precision: Precision, seed: int | None, micro_batch_size: int, compiled: bool = False):
-        self.model = materialize(parallelize(model, dims, mesh, precision), device, seed)
+                 precision: Precision, initial: Initial | None, micro_batch_size: int, compiled: bool = False,
+                 lora: LoraConfig | None = None):
+        self.model = materialize(parallelize(model, dims, mesh, precision, lora), device, initial)
         self.modules = [self.model]
         self.micro_batch_size = self.eval_rows = micro_batch_size
         self.forward = torch.compile(self.model) if compiled else self.model
 
-    def _micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
-
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward and backward; returns the mean loss of the rows."""
-        micro_batches = self._micro_batches(inputs, targets)
-        total = torch.zeros((), device=inputs.device)
-        for i, (x, y) in enumerate(micro_batches):
+    def step(self, batch: Batch, denominator: float) -> torch.Tensor:
+        """Forward and backward; returns the rows' summed loss over `denominator`."""
+        micro_batches = batch.split(self.micro_batch_size)
+        total = torch.zeros((), device=batch.inputs.device)
+        for i, micro in enumerate(micro_batches):
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP, replicas
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            logits = self.forward(x)
+            logits = self.forward(micro.inputs, **micro.model_inputs())
             with loss_context(logits):
-                loss = parallel_loss(logits, y) / len(micro_batches)
+                loss = parallel_loss(logits, micro.targets, denominator)
                 loss.backward()
             total += whole(loss).detach()
         return total
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The rows' mean loss, forward only, in the micro-batches training uses."""
-        micro_batches = self._micro_batches(inputs, targets)
-        return sum(whole(parallel_loss(self.forward(x), y)) for x, y in micro_batches) / len(micro_batches)
+    def evaluate(self, batch: Batch, denominator: float) -> torch.Tensor:
+        """`step`'s loss, forward only, in the micro-batches training uses."""
+        return sum(
+            whole(parallel_loss(self.forward(micro.inputs, **micro.model_inputs()), micro.targets, denominator))
+            for micro in batch.split(self.micro_batch_size)
+        )
 
     @torch.no_grad()
     def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,17 +93,18 @@ class WholeModel:
 
 
 class ModelParts:
-    """This rank's model parts and their optimizers under the run's layout and precision. `initialize`:
-    draw the initial weights; without it the parts get memory only, for a checkpoint to fill (resume)."""
+    """This rank's model parts and their optimizers under the run's layout and precision. `initial`: where
+    each parameter's first value comes from (`mtnlg.parallel.parallelize.Initial`); None: memory only, for
+    a checkpoint to fill (resume). With config.lora.r > 0 the parts carry LoRA adapters and only they train."""
 
-    def __init__(self, config: Config, dist: Distributed, precision: Precision, initialize: bool = True):
+    def __init__(self, config: Config, dist: Distributed, precision: Precision, initial: Initial | None):
         tc, dims = config.train, dist.dims
         with torch.device("meta"):
             model = GPT(config.model)
-        args = (model, dims, dist.mesh, dist.device, precision, tc.seed if initialize else None)
+        args = (model, dims, dist.mesh, dist.device, precision, initial)
         self.schedule: Schedule = (
-            Pipeline(*args, micro_batch_size=tc.micro_batch_size) if dims.pp > 1
-            else WholeModel(*args, micro_batch_size=tc.micro_batch_size, compiled=tc.compile)
+            Pipeline(*args, micro_batch_size=tc.micro_batch_size, lora=config.lora) if dims.pp > 1
+            else WholeModel(*args, micro_batch_size=tc.micro_batch_size, compiled=tc.compile, lora=config.lora)
         )
         self.modules = self.schedule.modules
         self.optimizers = [build_optimizer(m, tc, fused=dist.device.type == "cuda") for m in self.modules]
@@ -103,26 +114,24 @@ class ModelParts:
         """(module, optimizer) of every part: what a checkpoint saves and loads."""
         return list(zip(self.modules, self.optimizers))
 
-    def train_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, lr: float, max_norm: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's rows of the global batch; returns their mean loss and the global
-        gradient norm before clipping."""
+    def train_step(self, batch: Batch, denominator: float, lr: float, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's rows of the global batch; returns their summed loss over
+        `denominator` and the global gradient norm before clipping."""
         for module, optimizer in self.pairs:
             module.train()
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        loss = self.schedule.step(inputs, targets)
+        loss = self.schedule.step(batch, denominator)
         grad_norm = self.schedule.clip_grad_norm_(max_norm)
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The mean loss of this rank's rows, forward only."""
+    def evaluate(self, batch: Batch, denominator: float) -> torch.Tensor:
+        """The summed loss of this rank's rows over `denominator`, forward only."""
         self._eval()
-        return self.schedule.evaluate(inputs, targets)
+        return self.schedule.evaluate(batch, denominator)
 
     def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each position's log p(target) and whether it is the argmax, for task evaluation."""

@@ -15,6 +15,7 @@ import torch.distributed
 from tqdm import tqdm
 
 from mtnlg.checkpoint import (
+    base_weights,
     consolidate_from_main,
     find_latest,
     load_config_file,
@@ -22,19 +23,24 @@ from mtnlg.checkpoint import (
     mark_latest,
     prune_checkpoints,
     remove_leftovers,
+    resolve_checkpoint,
     save_training_checkpoint,
 )
 from mtnlg.config import Config
+from mtnlg.data.batch import Batch
 from mtnlg.data.loader import BatchLoader, build_dataset, parse_blend
 from mtnlg.errors import MtnlgError
 from mtnlg.eval.harness import Options, plan, run
 from mtnlg.eval.scoring import RowScorer
 from mtnlg.eval.tasks import Task, load_task
+from mtnlg.finetune.data import examples
+from mtnlg.finetune.lora import with_new_adapters
 from mtnlg.hardware import Precision, keep_freed_memory
 from mtnlg.model.flops import model_size, peak_flops
 from mtnlg.parallel import whole
 from mtnlg.parallel.launch import init_distributed
 from mtnlg.parallel.layout import check_pipeline_batch
+from mtnlg.parallel.parallelize import Initial, new_weights
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.metrics import MetricsLogger
 from mtnlg.train.optim import batch_size_at, lr_at
@@ -78,7 +84,11 @@ class Trainer:
         if self.dist.is_main:
             remove_leftovers(self.checkpoints_dir)  # of a save that was killed
         self.resumed_from = resume_from = self._checkpoint_to_resume(resume)
-        self.tokenizer = Tokenizer.load(resume_from or self._tokenizer_path())
+        # Fine-tuning (or continued pretraining) starts from a base model's weights and tokenizer.
+        self.base = resolve_checkpoint(config.finetune.base) if config.finetune.base else None
+        if config.lora.r and self.base is None:
+            raise MtnlgError("lora.r > 0 trains adapters on a base model; pass one (mtnlg finetune BASE, or --finetune.base)")
+        self.tokenizer = Tokenizer.load(resume_from or self.base or self._tokenizer_path())
         if self.tokenizer.vocab_size > config.model.vocab_size:
             raise MtnlgError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -86,11 +96,14 @@ class Trainer:
             )
         self.eval_tasks, self.eval_options = _eval_tasks(config)
         self.eval_plan = plan(self.eval_tasks, self.tokenizer, seq_len, self.eval_options)  # checked before step 1
-        self.train_data = build_dataset(tc.data, "train", seq_len, tc.seed)
-        self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
+        if config.finetune.data:
+            self.train_data, self.val_data = examples(config.finetune, self.tokenizer, seq_len, tc.seed)
+        else:
+            self.train_data = build_dataset(tc.data, "train", seq_len, tc.seed)
+            self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
 
         torch.manual_seed(tc.seed)  # dropout; the weights are drawn per (seed, parameter name)
-        self.parts = ModelParts(config, self.dist, self.precision, initialize=resume_from is None)
+        self.parts = ModelParts(config, self.dist, self.precision, self._first_weights(resume_from))
         self.loader = BatchLoader(self.train_data)
         self.step = 0
         if resume_from is not None:
@@ -99,6 +112,15 @@ class Trainer:
         self.stop_signal: str | None = None
 
     # ----- setup helpers -----
+
+    def _first_weights(self, resume_from: Path | None) -> Initial | None:
+        """Where the parameters' first values come from: new ones, or the base model's (with new adapters);
+        None when the checkpoint to resume holds every weight."""
+        tc, lora = self.config.train, self.config.lora
+        if resume_from is not None and not lora.r:
+            return None
+        first = base_weights(self.base) if self.base is not None else new_weights(tc.seed)
+        return with_new_adapters(first, tc.seed) if lora.r else first
 
     def _tokenizer_path(self) -> Path:
         tc = self.config.train
@@ -154,10 +176,10 @@ class Trainer:
         try:
             while self.step < tc.max_steps and not stopping:
                 start = time.perf_counter()
-                loss, grad_norm, batch_size, lr = self.train_step()
+                loss, grad_norm, batch_size, tokens, lr = self.train_step()
                 elapsed = time.perf_counter() - start
                 self.step += 1
-                tokens_per_s = batch_size * self.config.model.max_seq_len / elapsed
+                tokens_per_s = tokens / elapsed
                 record = dict(
                     loss=loss,
                     lr=lr,
@@ -193,28 +215,36 @@ class Trainer:
                 metrics.close()
         return TrainResult(self.step, val_loss, checkpoint, self.stop_signal)
 
-    def train_step(self) -> tuple[float, float, int, float]:
+    def train_step(self) -> tuple[float, float, int, int, float]:
         """One optimizer step over a global batch, this rank training on its slice of it; returns the loss,
-        the gradient norm, the batch size and the learning rate."""
+        the gradient norm, the batch size, its tokens and the learning rate."""
         tc = self.config.train
         batch_size = batch_size_at(self.loader.consumed_samples, tc)
-        inputs, targets = self._my_slice(*self.loader.next_batch(batch_size))
+        batch = self.loader.next_batch(batch_size)
         lr = lr_at(self.step, tc)
-        loss, grad_norm = self.parts.train_step(inputs, targets, lr, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        return self._mean_over_ranks(loss), float(whole(grad_norm)), batch_size, lr
+        loss, grad_norm = self.parts.train_step(
+            self._my_rows(batch), self._denominator(batch), lr, tc.grad_clip if tc.grad_clip > 0 else math.inf
+        )
+        return self._mean_over_ranks(loss), float(whole(grad_norm)), batch_size, batch.inputs.numel(), lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first `eval_batches` validation batches of train.global_batch_size samples, cut
-        over the data-parallel ranks as training cuts its batches: the same samples, and the same number,
-        under every layout."""
+        """Loss over the first `eval_batches` validation batches of train.global_batch_size samples, cut over
+        the data-parallel ranks as training cuts its batches: the same samples, and the same number, under
+        every layout."""
         tc = self.config.train
         loader = BatchLoader(self.val_data)
+        batches = [loader.next_batch(tc.global_batch_size) for _ in range(tc.eval_batches)]
+        denominator = self._denominator(*batches)
         total = torch.zeros((), device=self.device)
-        for _ in range(tc.eval_batches):
-            inputs, targets = self._my_slice(*loader.next_batch(tc.global_batch_size))
-            total += self.parts.evaluate(inputs, targets) / tc.eval_batches
+        for batch in batches:
+            total += self.parts.evaluate(self._my_rows(batch), denominator)
         return self._mean_over_ranks(total)
+
+    def _denominator(self, *batches: Batch) -> float:
+        """What each data-parallel rank divides its summed loss by, so that their mean (the gradient sync's) is
+        the loss per counted target of the whole batch (or batches)."""
+        return max(sum(b.loss_tokens for b in batches), 1) / self.dims.dp_size
 
     @torch.no_grad()
     def evaluate_tasks(self) -> dict[str, float]:
@@ -226,9 +256,8 @@ class Trainer:
         results = run(scorer, self.tokenizer, self.eval_tasks, self.eval_plan, self.eval_options, ranks)
         return {f"{r.task.name}/{m}": v for r in results for m, v in r.metrics.items() if not m.endswith("_stderr")}
 
-    def _my_slice(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.dims.batch_slice(inputs.size(0), self.dist.rank)
-        return inputs[rows].to(self.device, non_blocking=True), targets[rows].to(self.device, non_blocking=True)
+    def _my_rows(self, batch: Batch) -> Batch:
+        return batch.rows(self.dims.batch_slice(batch.inputs.size(0), self.dist.rank)).to(self.device)
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         """Ranks of one tensor-parallel group hold the same value, so the mean over all ranks is the
@@ -261,7 +290,7 @@ class Trainer:
         if self.dist.is_main:
             mark_latest(checkpoint)
             prune_checkpoints(self.checkpoints_dir, tc.keep_last)
-        if tc.consolidate == "every" or (tc.consolidate == "end" and self.step == tc.max_steps):
+        if not self.config.lora.r and (tc.consolidate == "every" or (tc.consolidate == "end" and self.step == tc.max_steps)):
             consolidate_from_main(checkpoint, self.dist.is_main)  # once the checkpoint is complete and latest
         return checkpoint
 
