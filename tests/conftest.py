@@ -96,3 +96,35 @@ def tiny_tasks(tmp_path_factory) -> list[str]:
     (out / "choices.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
     (out / "documents.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents(3, seed=5)))
     return [str(out / "choices.jsonl"), str(out / "documents.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory, tiny_data):
+    """base(preset) -> an mtnlg checkpoint of that preset with random weights and the synthetic corpus's
+    tokenizer: what fine-tuning tests start from."""
+    from mtnlg.checkpoint import save_checkpoint
+    from mtnlg.config import Config, ModelConfig
+    from mtnlg.model.gpt import GPT
+    from mtnlg.tokenizer import Tokenizer
+
+    made: dict[str, Path] = {}
+
+    def base(preset: str = "tiny") -> Path:
+        if preset not in made:
+            cfg = ModelConfig.from_name(preset)
+            made[preset] = save_checkpoint(tmp_path_factory.mktemp(f"base-{preset}"), GPT(cfg, seed=7), Config(model=cfg),
+                                           Tokenizer.load(tiny_data.parent))
+        return made[preset]
+
+    return base
+
+
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory) -> Path:
+    """Prompt/completion examples of varied lengths over the synthetic corpus's words (JSONL)."""
+    rng = random.Random(11)
+    path = tmp_path_factory.mktemp("sft") / "examples.jsonl"
+    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))).capitalize() + ":",
+             "completion": " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 10))) + "."} for _ in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

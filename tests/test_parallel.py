@@ -15,9 +15,10 @@ import torch
 
 import safetensors.torch
 
-from mtnlg.checkpoint import find_latest
+from mtnlg.checkpoint import find_latest, tensor_reader
 from mtnlg.config import Config, ModelConfig, ParallelConfig, load_config
 from mtnlg.errors import MtnlgError
+from mtnlg.finetune.lora import is_adapter
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.layout import ParallelDims, stage_layers
 from mtnlg.parallel.pipeline import build_stage
@@ -38,7 +39,7 @@ def test_parallel_config_defaults_and_sections(tmp_path):
     cfg = load_config(path, ["--parallel.dp_shard", "2", "--parallel.pp_schedule=gpipe"])
     assert (cfg.parallel.tp, cfg.parallel.dp_shard, cfg.parallel.sequence_parallel) == (2, 2, False)
     assert cfg.parallel.pp_schedule == "gpipe" and cfg.parallel.world_size == 4
-    with pytest.raises(MtnlgError, match=r"sections are \[model\], \[train\], \[parallel\] and \[eval\]"):
+    with pytest.raises(MtnlgError, match=r"sections are \[model\], \[train\], \[parallel\], \[eval\], \[finetune\] and"):
         Config.from_dict({"paralel": {}})
     with pytest.raises(MtnlgError, match="did you mean parallel.dp_shard"):
         load_config(None, ["--parallel.dp_shards", "2"])
@@ -202,38 +203,43 @@ def _train_recording_initial_weights(rank: int, config, out: str) -> None:
 
 def _results(run_dir, initial: dict) -> dict:
     records = read_metrics(run_dir)
-    final = find_latest(run_dir / "checkpoints") / "model.safetensors"
+    final = find_latest(run_dir / "checkpoints")
+    if (final / "model.safetensors").is_file():
+        weights = safetensors.torch.load_file(final / "model.safetensors")
+    else:  # a LoRA run's checkpoint: its adapters
+        read = tensor_reader(final)
+        weights = {name: read(name) for name in initial if is_adapter(name)}
     return {
         "losses": {r["step"]: r["loss"] for r in records if "loss" in r},
         "val": {r["step"]: r["val_loss"] for r in records if "val_loss" in r},
         "initial": initial,
-        "weights": safetensors.torch.load_file(final),
+        "weights": weights,
     }
 
 
 _REFERENCES: dict[str, dict] = {}
 
 
-def _reference(tiny_config, tmp_path_factory, model: str) -> dict:
-    if model not in _REFERENCES:
+def _reference(tiny_config, tmp_path_factory, model: str, extra: tuple[str, ...]) -> dict:
+    if (model, extra) not in _REFERENCES:
         run_dir = tmp_path_factory.mktemp("reference")
-        trainer = Trainer(_parity_config(tiny_config, run_dir, {}, model))
+        trainer = Trainer(_parity_config(tiny_config, run_dir, {}, model, *extra))
         initial = _full_weights(trainer.parts.modules)
         trainer.fit()
-        _REFERENCES[model] = _results(run_dir, initial)
-    return _REFERENCES[model]
+        _REFERENCES[model, extra] = _results(run_dir, initial)
+    return _REFERENCES[model, extra]
 
 
 def _check_parity(tiny_config, tmp_path, tmp_path_factory, layout: dict, model: str = "tiny", val_rtol: float = 1e-5,
-                  weight_atol: float = 1e-4):
+                  weight_atol: float = 1e-4, extra: tuple[str, ...] = ()):
     """The layout's losses, validation losses and final weights against one process's; its initial weights
-    bit for bit."""
+    bit for bit. `extra`: further overrides of both runs."""
     world = math.prod(layout.get(k, 1) for k in ("tp", "pp", "dp_shard", "dp_replicate"))
     run_dir = tmp_path / "run"
-    spawn(_train_recording_initial_weights, world, _parity_config(tiny_config, run_dir, layout, model),
+    spawn(_train_recording_initial_weights, world, _parity_config(tiny_config, run_dir, layout, model, *extra),
           str(tmp_path / "initial.pt"))
     got = _results(run_dir, torch.load(tmp_path / "initial.pt"))
-    want = _reference(tiny_config, tmp_path_factory, model)
+    want = _reference(tiny_config, tmp_path_factory, model, extra)
     if "lm_head.weight" in got["initial"] and "lm_head.weight" not in want["initial"]:
         # a pipeline's last stage holds the tied embedding as lm_head.weight: it starts as the embedding
         assert torch.equal(got["initial"].pop("lm_head.weight"), got["initial"]["tok_emb.weight"])
@@ -324,3 +330,13 @@ def test_pipeline_with_data_parallel_on_four_processes(tiny_config, tmp_path, tm
 def test_pipeline_with_tensor_parallel_on_four_processes(tiny_config, tmp_path, tmp_path_factory, schedule, model_name):
     # sequence parallel: each tp rank sends its sequence shard to the next stage
     _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(tp=2, pp=2, pp_schedule=schedule), model_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(tp=2, sequence_parallel=True), dict(dp_shard=2)], ids=["tp", "fsdp"])
+def test_lora_fine_tuning_matches_one_process(tiny_config, tmp_path, tmp_path_factory, tiny_bases, sft_data, layout):
+    """LoRA on column- and row-parallel layers, from a base checkpoint, on packed examples whose prompts are
+    masked: the adapters split with their layers (tp) or sharded (FSDP2) train as in one process."""
+    lora = (f"--finetune.base={tiny_bases('llama-tiny')}", f"--finetune.data={sft_data}", "--lora.r=4",
+            "--lora.targets=q_proj,k_proj,o_proj,gate_proj,down_proj")
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, layout, "llama-tiny", extra=lora)

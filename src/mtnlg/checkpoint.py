@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mtnlg.config import Config, ModelConfig
+from mtnlg.config import Config, LoraConfig, ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.files import atomic_file, write_text_atomic
 from mtnlg.model.flops import human, model_size
@@ -126,13 +126,18 @@ def save_training_checkpoint(
     return directory
 
 
-def checkpoint_bytes(model_cfg: ModelConfig, consolidated: bool = False) -> int:
+def checkpoint_bytes(model_cfg: ModelConfig, consolidated: bool = False, lora: LoraConfig | None = None) -> int:
     """About the bytes one training checkpoint of this model takes on disk (within a few %): fp32 weights and
-    AdamW's two fp32 moments and step for every parameter name (a tied embedding's two names each hold all
-    of them), plus DCP's framing; with `consolidated`, model.safetensors too."""
+    AdamW's two fp32 moments and step for every trained parameter name (a tied embedding's two names each hold
+    all of them; with `lora`, the adapters alone), plus DCP's framing; with `consolidated`, model.safetensors too."""
     with torch.device("meta"):  # shapes only
         model = GPT(model_cfg)
-    state = sum(3 * 4 * p.numel() + 4 + DCP_BYTES_PER_NAME for _, p in model.named_parameters(remove_duplicate=False))
+        if lora is not None and lora.r:
+            from mtnlg.finetune.lora import apply_lora
+
+            apply_lora(model, lora)
+    trained = [p for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
+    state = sum(3 * 4 * p.numel() + 4 + DCP_BYTES_PER_NAME for p in trained)
     return state + (4 * model_size(model_cfg).params if consolidated else 0)
 
 
@@ -174,7 +179,10 @@ def _state_dicts(parts: Parts) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"model": {}, "optim": {}}
     for model, optimizer in parts:
         model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-        out["model"].update(model_state)
+        # Frozen parameters (a LoRA run's base weights) are left out: its checkpoints hold the adapters and
+        # their optimizer state alone. (DCP's ignore_frozen_params keeps a tied one's second name.)
+        frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        out["model"].update({k: v for k, v in model_state.items() if k not in frozen})
         out["optim"].update(optim_state)
     return out
 
@@ -197,9 +205,8 @@ def _name_tied_optimizer_state_twice(parts: Parts, optim_state: dict[str, Any]) 
 def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # strict=False: a pipeline stage holds only some of the saved names. Frozen parameters (a LoRA run's
-    # base weights) are left out: its checkpoints hold the adapters and their optimizer state alone.
-    return StateDictOptions(flatten_optimizer_state_dict=True, strict=False, ignore_frozen_params=True)
+    # strict=False: a pipeline stage holds only some of the saved names, a LoRA run only its adapters.
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
 
 
 def consolidate_from_main(checkpoint: Path, is_main: bool) -> None:

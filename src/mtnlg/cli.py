@@ -74,12 +74,9 @@ def _fit(config, resume: bool | str) -> int:
         cut = f"; {data.cut} cut to model.max_seq_len {config.model.max_seq_len}" if data.cut else ""
         say(f"fine-tuning on {len(data.examples)} examples ({len(val.examples) if val else 0} held out for "
             f"validation{cut})", flush=True)
+    size = human(checkpoint_bytes(config.model, config.train.consolidate == "every" and not config.lora.r, config.lora), "B")
     if config.lora.r:
-        from mtnlg.finetune.lora import adapter_params
-
-        size = f"{human(12 * adapter_params(config.model, config.lora), 'B')} (the adapters and their optimizer state)"
-    else:
-        size = human(checkpoint_bytes(config.model, consolidated=config.train.consolidate == "every"), "B")
+        size += " (the adapters and their optimizer state)"
     say(f"each checkpoint takes about {size} in {trainer.checkpoints_dir} (train.keep_last = "
         f"{config.train.keep_last or 'all'} kept)", flush=True)
     result = trainer.fit()
@@ -417,15 +414,30 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from mtnlg.interop.hf import import_hf
+    if args.format == "hf":
+        from mtnlg.interop.hf import import_hf
 
-    print(f"wrote mtnlg checkpoint {import_hf(args.src, args.dst, force=args.force)} from {args.src}")
+        if args.base:
+            raise MtnlgError("--base is for import peft; a Hugging Face model folder holds its whole model")
+        print(f"wrote mtnlg checkpoint {import_hf(args.src, args.dst, force=args.force)} from {args.src}")
+        return
+    from mtnlg.interop.peft import import_peft
+
+    if not args.base:
+        raise MtnlgError("import peft needs --base: the mtnlg checkpoint of the model the adapter was trained on")
+    print(f"wrote mtnlg LoRA checkpoint {import_peft(args.src, args.base, args.dst, force=args.force)} from {args.src}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from mtnlg.interop.hf import export_hf
+    if args.format == "hf":
+        from mtnlg.interop.hf import export_hf
 
-    print(f"wrote Hugging Face model {export_hf(args.src, args.dst, force=args.force)} (load it with from_pretrained)")
+        print(f"wrote Hugging Face model {export_hf(args.src, args.dst, force=args.force)} (load it with from_pretrained)")
+        return
+    from mtnlg.interop.peft import export_peft
+
+    print(f"wrote peft adapter {export_peft(args.src, args.dst, force=args.force)} (load it with PeftModel.from_pretrained "
+          "on the base's mtnlg export hf)")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -574,14 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_info)
 
     for verb, handler, what in (
-        ("import", cmd_import, "a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3) -> mtnlg checkpoint"),
-        ("export", cmd_export, "an mtnlg checkpoint or run -> Hugging Face model folder (GPT-2 or Llama)"),
+        ("import", cmd_import, "a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3) or peft adapter -> mtnlg checkpoint"),
+        ("export", cmd_export, "an mtnlg checkpoint or run -> Hugging Face model folder, or a LoRA run -> peft adapter"),
     ):
         p = verbs.add_parser(verb, help=what)
-        p.add_argument("format", choices=["hf"], help="hf: Hugging Face transformers (save_pretrained layout)")
+        p.add_argument("format", choices=["hf", "peft"], help="hf: Hugging Face transformers (save_pretrained layout); "
+                       "peft: a LoRA adapter on such a model")
         p.add_argument("src", metavar="SRC")
         p.add_argument("dst", metavar="DST")
         p.add_argument("--force", action="store_true", help="replace DST if it exists and is not empty")
+        if verb == "import":
+            p.add_argument("--base", help="peft: the mtnlg checkpoint of the model the adapter was trained on")
         p.set_defaults(handler=handler)
 
     p = verbs.add_parser("consolidate", help="write a checkpoint's model.safetensors from its sharded state/")

@@ -284,8 +284,8 @@ class LoraConfig:
                              f"dropout {self.dropout}")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or (self.r and not self.targets):
-            raise MtnlgError(f"lora.targets: unknown module {unknown[0]!r}; " if unknown else "lora.targets is empty; "
-                             f"choose among {', '.join(LORA_TARGETS)}")
+            problem = f"unknown module {unknown[0]!r}" if unknown else "empty"
+            raise MtnlgError(f"lora.targets: {problem}; choose among {', '.join(LORA_TARGETS)}")
 
 
 SECTIONS = ("model", "train", "parallel", "eval", "finetune", "lora")

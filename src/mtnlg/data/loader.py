@@ -101,14 +101,15 @@ class BatchLoader:
     `dataset` is any object whose `sample(i)` gives sample i of an endless sequence: token windows here,
     fine-tuning rows in mtnlg.finetune.data."""
 
-    def __init__(self, dataset, consumed_samples: int = 0):
-        self.dataset, self.consumed_samples = dataset, consumed_samples
+    def __init__(self, dataset, consumed_samples: int = 0, multiple: int = 1):
+        """multiple: of the sequence length of every batch (see `Batch.collate`)."""
+        self.dataset, self.consumed_samples, self.multiple = dataset, consumed_samples, multiple
 
     def next_batch(self, batch_size: int) -> Batch:
         """The next `batch_size` samples; targets are the inputs shifted left by one."""
         start = self.consumed_samples
         self.consumed_samples += batch_size
-        return Batch.collate([self.dataset.sample(start + b) for b in range(batch_size)])
+        return Batch.collate([self.dataset.sample(start + b) for b in range(batch_size)], self.multiple)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}

@@ -59,14 +59,6 @@ def apply_lora(model: GPT, lora: LoraConfig) -> None:
             _add_adapter(layer, lora)
 
 
-def adapter_params(model_cfg: ModelConfig, lora: LoraConfig) -> int:
-    """How many parameters the adapters add (and train)."""
-    with torch.device("meta"):
-        model = GPT(model_cfg)
-    apply_lora(model, lora)
-    return sum(p.numel() for name, p in model.named_parameters() if is_adapter(name))
-
-
 def _add_adapter(layer: nn.Linear, lora: LoraConfig) -> None:
     weight = layer.weight
     out_features, in_features = weight.shape  # a DTensor's are the whole layer's
@@ -111,7 +103,8 @@ def merge_lora(model: GPT) -> GPT:
     computes what the adapted one did, for inference and export."""
     for layer in model.modules():
         if hasattr(layer, "lora_A"):
-            layer.weight += (layer.lora_B @ layer.lora_A) * layer.lora_scaling
+            update = (layer.lora_B.double() @ layer.lora_A.double()) * layer.lora_scaling  # one rounding, not two
+            layer.weight += update.to(layer.weight.dtype)
             del layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_scaling, layer.forward
     return model
 

@@ -313,18 +313,26 @@ def _read_weights(src: Path, family: Family) -> dict[str, torch.Tensor]:
     raise MtnlgError(f"{src}: no weights found (looked for {looked}); add the model's weight files")
 
 
+def module_map(family: Family, n_layer: int) -> list[ModuleRule]:
+    """The family's modules spelled out for a model of `n_layer` layers: (HF module, mtnlg modules, transposed)."""
+    return [
+        (hf.format(i=i), tuple(n.format(i=i) for n in ours), transposed)
+        for hf, ours, transposed in family.modules
+        for i in (range(n_layer) if "{i}" in hf else (0,))
+    ]
+
+
 def _tensor_map(family: Family, model: GPT) -> list[ModuleRule]:
     """The family's table spelled out for one model: per layer, per weight and bias it has.
 
     A tied head is the embedding, so it has no row of its own."""
     have = set(model.state_dict()) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set())
     rows = []
-    for hf, ours, transposed in family.modules:
-        for i in range(model.cfg.n_layer) if "{i}" in hf else (0,):
-            for kind in ("weight", "bias"):
-                names = tuple(f"{n.format(i=i)}.{kind}" for n in ours)
-                if all(n in have for n in names):
-                    rows.append((f"{hf.format(i=i)}.{kind}", names, transposed and kind == "weight"))
+    for hf, ours, transposed in module_map(family, model.cfg.n_layer):
+        for kind in ("weight", "bias"):
+            names = tuple(f"{n}.{kind}" for n in ours)
+            if all(n in have for n in names):
+                rows.append((f"{hf}.{kind}", names, transposed and kind == "weight"))
     return rows
 
 

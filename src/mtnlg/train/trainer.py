@@ -104,7 +104,7 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # dropout; the weights are drawn per (seed, parameter name)
         self.parts = ModelParts(config, self.dist, self.precision, self._first_weights(resume_from))
-        self.loader = BatchLoader(self.train_data)
+        self.loader = BatchLoader(self.train_data, multiple=self.dims.tp)
         self.step = 0
         if resume_from is not None:
             self._load(resume_from)
@@ -233,7 +233,7 @@ class Trainer:
         the data-parallel ranks as training cuts its batches: the same samples, and the same number, under
         every layout."""
         tc = self.config.train
-        loader = BatchLoader(self.val_data)
+        loader = BatchLoader(self.val_data, multiple=self.dims.tp)
         batches = [loader.next_batch(tc.global_batch_size) for _ in range(tc.eval_batches)]
         denominator = self._denominator(*batches)
         total = torch.zeros((), device=self.device)
