@@ -333,10 +333,12 @@ def test_pipeline_with_tensor_parallel_on_four_processes(tiny_config, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [dict(tp=2, sequence_parallel=True), dict(dp_shard=2)], ids=["tp", "fsdp"])
-def test_lora_fine_tuning_matches_one_process(tiny_config, tmp_path, tmp_path_factory, tiny_bases, sft_data, layout):
+def test_lora_fine_tuning_under_tp_and_fsdp_matches_one_process(tiny_config, tmp_path, tmp_path_factory, tiny_bases,
+                                                                 sft_data):
     """LoRA on column- and row-parallel layers, from a base checkpoint, on packed examples whose prompts are
-    masked: the adapters split with their layers (tp) or sharded (FSDP2) train as in one process."""
+    masked: the adapters split with their layers (tp=2, sequence parallel) and sharded by FSDP2 (dp_shard=2)
+    train as in one process."""
+    layout = dict(tp=2, dp_shard=2, sequence_parallel=True)
     lora = (f"--finetune.base={tiny_bases('llama-tiny')}", f"--finetune.data={sft_data}", "--lora.r=4",
             "--lora.targets=q_proj,k_proj,o_proj,gate_proj,down_proj")
     _check_parity(tiny_config, tmp_path, tmp_path_factory, layout, "llama-tiny", extra=lora)

@@ -73,6 +73,21 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: Config, tok
     return directory
 
 
+def save_adapter_checkpoint(
+    directory: str | Path, adapters: dict[str, torch.Tensor], config: Config, tokenizer: Tokenizer
+) -> Path:
+    """An inference checkpoint of LoRA adapters (config.lora, config.finetune.base naming their base): the
+    adapters in state/ as a training save holds them, so every verb reads it as one `mtnlg finetune` wrote."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        _write_description(tmp, config, tokenizer)
+        with _quiet_single_process():
+            dcp.save({"model": adapters}, checkpoint_id=tmp / STATE_DIR, no_dist=True)
+    return directory
+
+
 def check_destination(dst: Path, force: bool) -> None:
     """A verb writing a new checkpoint or model folder refuses to mix it into another, unless told to replace it."""
     if not force and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):

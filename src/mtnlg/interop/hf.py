@@ -203,7 +203,7 @@ def export_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
     check_destination(dst, force)
     checkpoint = resolve_checkpoint(src)
     model, tokenizer, config = load_model(checkpoint)
-    family = _export_family(config.model, checkpoint)
+    family = export_family(config.model, checkpoint)
     state = model.state_dict()
     tensors = {}
     for name, ours, transposed in _tensor_map(family, model):
@@ -362,7 +362,7 @@ def _import_weights(
     return state
 
 
-def _export_family(cfg: ModelConfig, checkpoint: Path) -> Family:
+def export_family(cfg: ModelConfig, checkpoint: Path) -> Family:
     """The family whose shape this model has, or an error naming what keeps it out of each."""
     misfits = []
     for family in FAMILIES:

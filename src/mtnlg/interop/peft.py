@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -30,17 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.checkpoint import (
-    STATE_DIR,
     atomic_directory,
     check_destination,
     load_config_file,
     resolve_checkpoint,
+    save_adapter_checkpoint,
     tensor_reader,
 )
 from mtnlg.config import LORA_TARGETS, FinetuneConfig, LoraConfig, ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.finetune.lora import apply_lora, is_adapter
-from mtnlg.interop.hf import FAMILIES, Family, _export_family, module_map
+from mtnlg.interop.hf import FAMILIES, Family, export_family, module_map
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
 
@@ -59,7 +58,7 @@ def export_peft(src: str | Path, dst: str | Path, *, force: bool = False) -> Pat
     lora = config.lora
     if not lora.r:
         raise MtnlgError(f"{checkpoint} holds no LoRA adapters (lora.r is 0); export the whole model with mtnlg export hf")
-    family = _export_family(config.model, checkpoint)
+    family = export_family(config.model, checkpoint)
     model, read = _shapes(config.model), tensor_reader(checkpoint)
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
@@ -112,7 +111,7 @@ def import_peft(adapter_dir: str | Path, base: str | Path, dst: str | Path, *, f
     config = load_config_file(base)
     if config.lora.r:
         raise MtnlgError(f"{base} holds LoRA adapters itself; pass the base model they apply to, or mtnlg merge it first")
-    family = _export_family(config.model, base)
+    family = export_family(config.model, base)
     model = _shapes(config.model)
     modules = {hf: ours for hf, ours, _ in module_map(family, config.model.n_layer)}
     found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # mtnlg module -> A, B, alpha
@@ -150,12 +149,7 @@ def import_peft(adapter_dir: str | Path, base: str | Path, dst: str | Path, *, f
             a, b, _ = found.get(module) or (torch.zeros(0, param.shape[1]), torch.zeros(param.shape[0], 0), alpha)
             state[name] = F.pad(a, (0, 0, 0, r - len(a))) if which == "lora_A" else F.pad(b, (0, r - b.shape[1]))
     config.lora, config.finetune = lora, FinetuneConfig(base=str(base.resolve()))
-    tokenizer = Tokenizer.load(base)
-    with atomic_directory(dst) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        tokenizer.save(tmp)
-        _save_state(state, tmp / STATE_DIR)
-    return dst
+    return save_adapter_checkpoint(dst, state, config, Tokenizer.load(base))
 
 
 def _read_settings(adapter_dir: Path) -> dict[str, Any]:
@@ -231,12 +225,3 @@ def _shapes(cfg: ModelConfig) -> GPT:
 
 def _kind(module: str) -> str:
     return module.rsplit(".", 1)[-1]
-
-
-def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    """The adapters as a training save's state/ holds them (`model.<name>`), so load_model reads them unchanged."""
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():  # DCP's note that it assumes one process: exactly what this is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.save({"model": state}, checkpoint_id=path, no_dist=True)
