@@ -238,14 +238,18 @@ def export_hf(src: str | Path, dst: str | Path, *, force: bool = False) -> Path:
     return dst
 
 
-def _read_hf_config(src: Path) -> dict[str, Any]:
-    path = src / "config.json"
+def read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A JSON file of a Hugging Face folder, or one line saying it is missing (pass `what`) or unreadable (`fix`)."""
     if not path.is_file():
-        raise MtnlgError(f"{src}: no config.json; pass a Hugging Face model folder (as save_pretrained writes it)")
+        raise MtnlgError(f"{path.parent}: no {path.name}; pass {what} (as save_pretrained writes it)")
     try:
-        hf = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise MtnlgError(f"{path}: unreadable ({e}); download or save the model again") from None
+        raise MtnlgError(f"{path}: unreadable ({e}); {fix}") from None
+
+
+def _read_hf_config(src: Path) -> dict[str, Any]:
+    hf = read_json(src / "config.json", "a Hugging Face model folder", "download or save the model again")
     rope = hf.get("rope_parameters") or {}  # where transformers 5 keeps rope_theta
     if "rope_theta" in rope:
         hf.setdefault("rope_theta", rope["rope_theta"])

@@ -39,7 +39,7 @@ from mtnlg.checkpoint import (
 from mtnlg.config import LORA_TARGETS, FinetuneConfig, LoraConfig, ModelConfig
 from mtnlg.errors import MtnlgError
 from mtnlg.finetune.lora import apply_lora, is_adapter
-from mtnlg.interop.hf import FAMILIES, Family, export_family, module_map
+from mtnlg.interop.hf import FAMILIES, Family, export_family, module_map, read_json
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import Tokenizer
 
@@ -154,13 +154,7 @@ def import_peft(adapter_dir: str | Path, base: str | Path, dst: str | Path, *, f
 
 def _read_settings(adapter_dir: Path) -> dict[str, Any]:
     """adapter_config.json, refusing the LoRA variants whose update is not (alpha / r) B A x on linear layers."""
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise MtnlgError(f"{adapter_dir}: no {ADAPTER_CONFIG}; pass a peft adapter folder (as save_pretrained writes it)")
-    try:
-        settings = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MtnlgError(f"{path}: unreadable ({e}); save the adapter again") from None
+    settings = read_json(adapter_dir / ADAPTER_CONFIG, "a peft adapter folder", "save the adapter again")
     kind, bias = settings.get("peft_type"), settings.get("bias", "none")
     checks = (
         (kind != "LORA", f"peft_type is {kind}; mtnlg imports LORA adapters alone"),
@@ -170,7 +164,7 @@ def _read_settings(adapter_dir: Path) -> dict[str, Any]:
     )
     for failed, problem in checks:
         if failed:
-            raise MtnlgError(f"{path}: {problem}")
+            raise MtnlgError(f"{adapter_dir / ADAPTER_CONFIG}: {problem}")
     return settings
 
 
