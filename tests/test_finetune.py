@@ -273,3 +273,31 @@ def test_lora_needs_a_base_and_a_lora_checkpoint_needs_its_base(tiny_config, tin
         main_error = __import__("mtnlg.checkpoint", fromlist=["consolidate"]).consolidate
         main_error(checkpoint)
     assert load_config_file(checkpoint).lora.r == 2
+
+
+def test_mistakes_in_a_fine_tuning_config_are_one_line_errors(tiny_bases, sft_data, tmp_path):
+    Trainer(_finetune(tiny_bases(), sft_data, tmp_path / "run", "--lora.r=2", "--train.max_steps=1")).fit()
+    with pytest.raises(MtnlgError, match=r"cannot resume .*lora.r: checkpoint 2, config 4"):
+        Trainer(_finetune(tiny_bases(), sft_data, tmp_path / "run", "--lora.r=4"), resume=True)
+    with pytest.raises(MtnlgError, match=r"holds LoRA adapters, not a whole model; mtnlg merge it"):
+        Trainer(_finetune(tmp_path / "run", sft_data, tmp_path / "again"))
+    with pytest.raises(MtnlgError, match=r"pos_emb.weight is \[64, 64\] in the base model .* but \[128, 64\]"):
+        Trainer(_finetune(tiny_bases(), sft_data, tmp_path / "longer", "--model.max_seq_len=128"))
+    toml = tmp_path / "ft.toml"
+    toml.write_text(f'[finetune]\ndata = "{tmp_path / "elsewhere.jsonl"}"\n[lora]\nr = 2\n')
+    config = finetune_config(str(tiny_bases()), str(sft_data), toml, [])
+    assert config.finetune.data == str(sft_data) and config.lora.r == 2 and config.train.lr == 2e-4  # --data wins
+
+
+def test_validation_never_takes_every_example_and_an_untrainable_set_is_refused(tokenizer, tmp_path):
+    from mtnlg.config import FinetuneConfig
+    from mtnlg.finetune.data import examples
+
+    data = tmp_path / "two.json"  # a .json array
+    data.write_text(json.dumps([{"prompt": "a b", "completion": " c"}, {"prompt": "d", "completion": " e"}]))
+    train, val = examples(FinetuneConfig(data=str(data), val_fraction=0.9), tokenizer, 16, seed=0)
+    assert len(train.examples) == 1 and len(val.examples) == 1
+    long_prompt = {"prompt": "the model " * 40, "completion": " learns"}
+    data.write_text(json.dumps([long_prompt] * 3))
+    with pytest.raises(MtnlgError, match="no example has a response within model.max_seq_len"):
+        examples(FinetuneConfig(data=str(data), val_fraction=0), tokenizer, 16, seed=0)

@@ -43,3 +43,12 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert decay["betas"] == (0.9, 0.95)
+    assert decay["eps"] == TrainConfig().eps and decay["foreach"]
+
+
+def test_frozen_weights_are_left_out_and_empty_groups_dropped():
+    model = GPT(ModelConfig.from_name("tiny"))
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    (group,) = build_optimizer(model, TrainConfig(beta2=0.99)).param_groups
+    assert group["params"] == [model.lm_head.weight] and group["betas"] == (0.9, 0.99)

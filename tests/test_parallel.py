@@ -342,3 +342,13 @@ def test_lora_fine_tuning_under_tp_and_fsdp_matches_one_process(tiny_config, tmp
     lora = (f"--finetune.base={tiny_bases('llama-tiny')}", f"--finetune.data={sft_data}", "--lora.r=4",
             "--lora.targets=q_proj,k_proj,o_proj,gate_proj,down_proj")
     _check_parity(tiny_config, tmp_path, tmp_path_factory, layout, "llama-tiny", extra=lora)
+
+
+@pytest.mark.slow
+def test_lora_fine_tuning_through_pipeline_stages_matches_one_process(tiny_config, tmp_path, tmp_path_factory, tiny_bases,
+                                                                       sft_data):
+    """LoRA through two 1F1B stages on padded examples of varying length, with a tied embedding that stays
+    frozen: each stage trains its layers' adapters as one process does."""
+    lora = (f"--finetune.base={tiny_bases()}", f"--finetune.data={sft_data}", "--finetune.packing=false",
+            "--lora.r=4", "--lora.targets=q_proj,v_proj,up_proj")
+    _check_parity(tiny_config, tmp_path, tmp_path_factory, dict(pp=2), "tiny", extra=lora)

@@ -288,10 +288,18 @@ def _write_consolidated(checkpoint: Path) -> Path:
         for name in order:
             shape, dtype = tensors[name]
             data = buffer[: _nbytes(shape, dtype)]
-            with _quiet_single_process():
-                dcp.load({f"model.{name}": data.view(dtype).view(shape)}, storage_reader=reader, no_dist=True)
+            _read_state_tensor(reader, name, data.view(dtype).view(shape))
             f.write(data.numpy())  # the host's bytes: little-endian, as the format is
     return path
+
+
+def _read_state_tensor(reader, name: str, into: torch.Tensor) -> torch.Tensor:
+    """The model tensor `name` of state/ read into `into` (of its shape and dtype), whatever layout wrote it."""
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_single_process():
+        dcp.load({f"model.{name}": into}, storage_reader=reader, no_dist=True)
+    return into
 
 
 def _state_tensors(reader) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -472,10 +480,7 @@ def tensor_reader(checkpoint: Path) -> Callable[[str], torch.Tensor]:
         if name not in tensors:
             raise MtnlgError(f"{checkpoint / STATE_DIR} has no tensor {name}; the checkpoint does not hold the "
                              "model its config.json describes")
-        value = torch.empty(tensors[name][0], dtype=tensors[name][1])
-        with _quiet_single_process():
-            dcp.load({f"model.{name}": value}, storage_reader=reader, no_dist=True)
-        return value
+        return _read_state_tensor(reader, name, torch.empty(tensors[name][0], dtype=tensors[name][1]))
 
     return read_state
 
@@ -483,7 +488,15 @@ def tensor_reader(checkpoint: Path) -> Callable[[str], torch.Tensor]:
 def base_weights(checkpoint: Path) -> Initial:
     """A base model's weights as the first values of a model to train (fine-tuning, continued pretraining)."""
     read = tensor_reader(checkpoint)
-    return lambda _, name: read(name)
+
+    def first_value(model: nn.Module, name: str) -> torch.Tensor:
+        value, shape = read(name), model.get_parameter(name).shape
+        if value.shape != shape:
+            raise MtnlgError(f"{name} is {list(value.shape)} in the base model {checkpoint} but {list(shape)} in this "
+                             "run's [model]; keep the base's shape (its config.json) and change only dropout")
+        return value
+
+    return first_value
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:

@@ -72,6 +72,7 @@ def _fit(config, resume: bool | str) -> int:
     if config.finetune.data:
         data, val = trainer.train_data, trainer.val_data
         cut = f"; {data.cut} cut to model.max_seq_len {config.model.max_seq_len}" if data.cut else ""
+        cut += f", {data.dropped} of them dropped with no response left" if data.dropped else ""
         say(f"fine-tuning on {len(data.examples)} examples ({len(val.examples) if val else 0} held out for "
             f"validation{cut})", flush=True)
     size = human(checkpoint_bytes(config.model, config.train.consolidate == "every" and not config.lora.r, config.lora), "B")

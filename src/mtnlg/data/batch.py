@@ -37,12 +37,12 @@ class Batch:
     positions: torch.Tensor | None = None  # [rows, seq] for packed examples
 
     @classmethod
-    def collate(cls, rows: Sequence[Row | np.ndarray], multiple: int = 1) -> Batch:
-        """Rows of different lengths are padded at the end to the longest, the sequence rounded up to a
-        `multiple` (sequence parallelism splits it; pads are never targets); a target is ignored where it is
-        not trained or where it starts the next packed example."""
+    def collate(cls, rows: Sequence[Row | np.ndarray], multiple: int = 1, length: int = 0) -> Batch:
+        """Rows of different lengths are padded at the end to the longest, or to `length` inputs (a pipeline's
+        buffers keep one shape), and to a `multiple` (sequence parallelism splits it); pads are never targets.
+        A target is ignored where it is not trained or where it starts the next packed example."""
         rows = [r if isinstance(r, Row) else Row(r) for r in rows]
-        length = 1 + -(-(max(len(r.tokens) for r in rows) - 1) // multiple) * multiple
+        length = 1 + -(-max(length, max(len(r.tokens) for r in rows) - 1) // multiple) * multiple
         tokens = np.zeros((len(rows), length), np.int64)
         trained = np.zeros((len(rows), length), bool)
         packed = any(r.positions is not None for r in rows)

@@ -5,10 +5,11 @@ number of samples consumed.
 """
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
-from mtnlg.data.batch import Batch
+from mtnlg.data.batch import Batch, Row
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.errors import MtnlgError
 
@@ -96,20 +97,27 @@ def build_dataset(spec: str, split: str, seq_len: int, seed: int) -> SampleDatas
     return datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, [w for w, _ in blend])
 
 
-class BatchLoader:
-    """Yields batches in a fixed order; its position (consumed samples) is part of the training state.
-    `dataset` is any object whose `sample(i)` gives sample i of an endless sequence: token windows here,
-    fine-tuning rows in mtnlg.finetune.data."""
+class Samples(Protocol):
+    """An endless sequence of samples: token windows (SampleDataset, BlendedDataset), or fine-tuning rows
+    (mtnlg.finetune.data.Examples)."""
 
-    def __init__(self, dataset, consumed_samples: int = 0, multiple: int = 1):
-        """multiple: of the sequence length of every batch (see `Batch.collate`)."""
-        self.dataset, self.consumed_samples, self.multiple = dataset, consumed_samples, multiple
+    def sample(self, i: int) -> Row | np.ndarray: ...
+
+
+class BatchLoader:
+    """Yields batches in a fixed order; its position (consumed samples) is part of the training state."""
+
+    def __init__(self, dataset: Samples, consumed_samples: int = 0, multiple: int = 1, length: int = 0):
+        """multiple, length: of every batch's sequence (see `Batch.collate`)."""
+        self.dataset, self.consumed_samples = dataset, consumed_samples
+        self.multiple, self.length = multiple, length
 
     def next_batch(self, batch_size: int) -> Batch:
         """The next `batch_size` samples; targets are the inputs shifted left by one."""
         start = self.consumed_samples
         self.consumed_samples += batch_size
-        return Batch.collate([self.dataset.sample(start + b) for b in range(batch_size)], self.multiple)
+        rows = [self.dataset.sample(start + b) for b in range(batch_size)]
+        return Batch.collate(rows, self.multiple, self.length)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}

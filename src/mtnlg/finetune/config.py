@@ -1,5 +1,5 @@
 """The config of a fine-tuning run: the base model's [model] section, defaults suited to fine-tuning, then
-the user's TOML and `--section.key value` overrides, as for `mtnlg train`."""
+the user's TOML and `--section.key value` overrides, as for `mtnlg train`; BASE and --data over them all."""
 
 from __future__ import annotations
 
@@ -24,11 +24,8 @@ def finetune_config(base: str, data: str, path: str | Path | None, overrides: li
     """The base's model with fine-tuning's defaults under the user's settings; paths are stored absolute, so
     that the checkpoints find their base and data from anywhere."""
     checkpoint = resolve_checkpoint(base)
-    defaults = {
-        **DEFAULTS,
-        "model": dataclasses.asdict(load_config_file(checkpoint).model),
-        "finetune": {"base": str(checkpoint.resolve()), "data": str(Path(data).resolve())},
-    }
+    defaults = {**DEFAULTS, "model": dataclasses.asdict(load_config_file(checkpoint).model)}
+    overrides = [*overrides, f"--finetune.base={checkpoint.resolve()}", f"--finetune.data={Path(data).resolve()}"]
     config = load_config(path, overrides, defaults)
     defaults["train"] = {**DEFAULTS["train"], "lr": LORA_LR if config.lora.r else FULL_LR}
     return load_config(path, overrides, defaults)

@@ -44,21 +44,21 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise MtnlgError(f"{path}: no such data file; pass a .jsonl (or .json) file of {FORMATS} records")
     if path.suffix == ".json":
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
+            items = json.loads(path.read_bytes().decode("utf-8"))
+        except ValueError as e:  # UnicodeDecodeError included
             raise MtnlgError(f"{path}: invalid JSON ({e}); a .json file holds one array of records") from None
         if not isinstance(items, list):
             raise MtnlgError(f"{path}: a .json data file holds one array of records; got {type(items).__name__}")
         yield from ((f"{path} item {i}", item) for i, item in enumerate(items, 1))
         return
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
-            except ValueError as e:
-                raise MtnlgError(f"{path}:{number}: invalid JSON ({e}); fix the line") from None
+                yield f"{path}:{number}", json.loads(line.decode("utf-8"))
+            except ValueError as e:  # UnicodeDecodeError included
+                raise MtnlgError(f"{path}:{number}: invalid JSON ({e}); fix the line (UTF-8 JSON, one per line)") from None
 
 
 def segments(record: Any, where: str, tokenizer: Tokenizer) -> Segments:
@@ -127,36 +127,43 @@ def tokenize(examples: Sequence[Segments], tokenizer: Tokenizer, train_on_prompt
 
 class Examples:
     """Fine-tuning rows in a seeded order per epoch: packed several to a row of `seq_len` + 1 tokens, or one
-    per row (padded at collation). Longer examples are cut to fit (`cut` counts them)."""
+    per row (padded at collation). Longer examples are cut to fit (`cut` counts them), and dropped when the
+    cut leaves nothing to train (`dropped`: a prompt as long as the row)."""
 
     def __init__(self, examples: Sequence[Row], seq_len: int, seed: int, packing: bool):
+        cut = [Row(e.tokens[: seq_len + 1], e.trained[: seq_len + 1]) for e in examples]
+        self.examples = [e for e in cut if e.trained[1:].any()]
         self.cut = sum(len(e.tokens) > seq_len + 1 for e in examples)
-        self.examples = [Row(e.tokens[: seq_len + 1], e.trained[: seq_len + 1]) for e in examples]
+        self.dropped = len(examples) - len(self.examples)
+        if not self.examples:
+            raise MtnlgError(f"no example has a response within model.max_seq_len ({seq_len}) tokens; add examples "
+                             "or shorten their prompts")
         self.seq_len, self.seed, self.packing = seq_len, seed, packing
-        self._epochs: list[list[Row]] = []  # the rows of each epoch so far
-        self._starts = [0]  # sample index where each epoch begins
+        self._starts = [0]  # the sample index where each epoch begins, for the epochs met so far
+        self._epoch, self._rows = -1, []  # the latest epoch's rows
 
     def sample(self, i: int) -> Row:
         while i >= self._starts[-1]:
-            self._starts.append(self._starts[-1] + len(self._epoch(len(self._epochs))))
+            self._starts.append(self._starts[-1] + len(self._rows_of(len(self._starts) - 1)))
         epoch = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return self._epoch(epoch)[i - self._starts[epoch]]
+        return self._rows_of(epoch)[i - self._starts[epoch]]
 
-    def _epoch(self, epoch: int) -> list[Row]:
-        while len(self._epochs) <= epoch:
-            order = np.random.default_rng([self.seed, len(self._epochs)]).permutation(len(self.examples))
+    def _rows_of(self, epoch: int) -> list[Row]:
+        if epoch != self._epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
             shuffled = [self.examples[j] for j in order]
-            self._epochs.append(self._pack(shuffled) if self.packing else shuffled)
-        return self._epochs[epoch]
+            self._epoch, self._rows = epoch, self._pack(shuffled) if self.packing else shuffled
+        return self._rows
 
     def _pack(self, examples: list[Row]) -> list[Row]:
         """Whole examples in order, each row filled until the next does not fit."""
-        rows, current = [], []
+        rows, current, length = [], [], 0
         for example in examples:
-            if current and sum(len(e.tokens) for e in current) + len(example.tokens) > self.seq_len + 1:
+            if current and length + len(example.tokens) > self.seq_len + 1:
                 rows.append(current)
-                current = []
+                current, length = [], 0
             current.append(example)
+            length += len(example.tokens)
         rows.append(current)
         return [
             Row(np.concatenate([e.tokens for e in row]), np.concatenate([e.trained for e in row]),
@@ -166,15 +173,15 @@ class Examples:
 
 
 def examples(cfg: FinetuneConfig, tokenizer: Tokenizer, seq_len: int, seed: int) -> tuple[Examples, Examples | None]:
-    """The training and validation rows of `cfg.data`: val_fraction of the examples (at least one) held out
-    by a seeded draw. Installs the default chat template when chat or Alpaca records meet a tokenizer without one."""
+    """The training and validation rows of `cfg.data`: val_fraction of the examples (at least one, and never
+    all) held out by a seeded draw. Installs the default chat template when chat or Alpaca records meet a tokenizer without one."""
     records = list(read_records(Path(cfg.data)))
     if not records:
         raise MtnlgError(f"{cfg.data}: no examples; add {FORMATS} records, one per line")
     if tokenizer.chat_template is None and any(uses_chat_template(r) for _, r in records):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     rows = tokenize([segments(r, where, tokenizer) for where, r in records], tokenizer, cfg.train_on_prompt)
-    held_out = max(1, round(cfg.val_fraction * len(rows))) if cfg.val_fraction and len(rows) > 1 else 0
+    held_out = min(max(1, round(cfg.val_fraction * len(rows))), len(rows) - 1) if cfg.val_fraction else 0
     order = np.random.default_rng([seed, len(rows)]).permutation(len(rows))
     val = sorted(order[:held_out])
     train = sorted(order[held_out:])

@@ -97,7 +97,8 @@ class Pipeline:
         else:
             single = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
             self.schedule = single(pipeline_stages[0], cfg.microbatches, loss_fn=self._loss)
-        self.tied_group = self._tied_group(mesh) if model.cfg.tie_embeddings else None
+        # A tied embedding that trains is kept equal on both ends; a frozen one (LoRA) needs nothing.
+        self.tied_group = self._tied_group(mesh) if model.cfg.tie_embeddings and not (lora and lora.r) else None
         self._denominator = 1.0  # of the micro-batch losses: set per step
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,9 @@ def build_optimizer(
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]  # LoRA trains matrices alone; checkpoints refuse an empty group
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],  # LoRA trains matrices alone; checkpoints refuse an empty group lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None, foreach=None if fused else True
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None, foreach=None if fused else True
     )
 
 

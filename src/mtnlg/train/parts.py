@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from mtnlg.config import Config, LoraConfig
 from mtnlg.data.batch import Batch
+from mtnlg.errors import MtnlgError
 from mtnlg.eval.scoring import token_scores
 from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT
@@ -107,6 +108,9 @@ class ModelParts:
             else WholeModel(*args, micro_batch_size=tc.micro_batch_size, compiled=tc.compile, lora=config.lora)
         )
         self.modules = self.schedule.modules
+        if not all(any(p.requires_grad for p in m.parameters()) for m in self.modules):
+            raise MtnlgError(f"a pipeline stage of this rank has no layer that lora.targets ({', '.join(config.lora.targets)}) "
+                             "adapts, so it has nothing to train; add targets every stage has, such as q_proj")
         self.optimizers = [build_optimizer(m, tc, fused=dist.device.type == "cuda") for m in self.modules]
 
     @property

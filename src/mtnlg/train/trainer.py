@@ -3,7 +3,6 @@ evaluation, logging, checkpoints, resume."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import time
@@ -86,6 +85,9 @@ class Trainer:
         self.resumed_from = resume_from = self._checkpoint_to_resume(resume)
         # Fine-tuning (or continued pretraining) starts from a base model's weights and tokenizer.
         self.base = resolve_checkpoint(config.finetune.base) if config.finetune.base else None
+        if self.base is not None and load_config_file(self.base).lora.r:
+            raise MtnlgError(f"{self.base} holds LoRA adapters, not a whole model; mtnlg merge it into one and start "
+                             "from that")
         if config.lora.r and self.base is None:
             raise MtnlgError("lora.r > 0 trains adapters on a base model; pass one (mtnlg finetune BASE, or --finetune.base)")
         self.tokenizer = Tokenizer.load(resume_from or self.base or self._tokenizer_path())
@@ -104,7 +106,7 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # dropout; the weights are drawn per (seed, parameter name)
         self.parts = ModelParts(config, self.dist, self.precision, self._first_weights(resume_from))
-        self.loader = BatchLoader(self.train_data, multiple=self.dims.tp)
+        self.loader = BatchLoader(self.train_data, **self._batch_shape())
         self.step = 0
         if resume_from is not None:
             self._load(resume_from)
@@ -142,14 +144,18 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints; pass --resume to continue it "
                 f"or choose a new --train.out_dir"
             )
-        if latest is not None:
-            saved = dataclasses.asdict(load_config_file(latest).model)
-            wanted = dataclasses.asdict(self.config.model)
-            changed = [f"model.{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in saved if saved[k] != wanted[k]]
+        if latest is not None:  # the sections that decide what the checkpoint holds and which samples come next
+            saved, wanted = load_config_file(latest).to_dict(), self.config.to_dict()
+            changed = [
+                f"{section}.{k}: checkpoint {saved[section][k]!r}, config {v!r}"
+                for section in ("model", "finetune", "lora")
+                for k, v in wanted[section].items()
+                if saved[section][k] != v
+            ]
             if changed:
                 raise MtnlgError(
-                    f"cannot resume {latest}: the model config differs ({'; '.join(changed)}); "
-                    "use the checkpoint's [model] settings or a new --train.out_dir"
+                    f"cannot resume {latest}: the config differs ({'; '.join(changed)}); "
+                    "use the checkpoint's [model], [finetune] and [lora] settings or a new --train.out_dir"
                 )
         return latest
 
@@ -233,13 +239,18 @@ class Trainer:
         the data-parallel ranks as training cuts its batches: the same samples, and the same number, under
         every layout."""
         tc = self.config.train
-        loader = BatchLoader(self.val_data, multiple=self.dims.tp)
+        loader = BatchLoader(self.val_data, **self._batch_shape())
         batches = [loader.next_batch(tc.global_batch_size) for _ in range(tc.eval_batches)]
         denominator = self._denominator(*batches)
         total = torch.zeros((), device=self.device)
         for batch in batches:
             total += self.parts.evaluate(self._my_rows(batch), denominator)
         return self._mean_over_ranks(total)
+
+    def _batch_shape(self) -> dict[str, int]:
+        """Sequence parallelism splits the sequence over the tp ranks; pipeline stages keep one shape."""
+        return {"multiple": self.dims.tp if self.dims.sequence_parallel else 1,
+                "length": self.config.model.max_seq_len if self.dims.pp > 1 else 0}
 
     def _denominator(self, *batches: Batch) -> float:
         """What each data-parallel rank divides its summed loss by, so that their mean (the gradient sync's) is
