@@ -76,7 +76,7 @@ def test_corrupt_data_and_checkpoints(capsys, tmp_path, tiny_data):
     (checkpoint / "model.safetensors").write_bytes(b"not a safetensors file")
     assert_user_error(capsys, "the checkpoint is corrupt", "generate", tmp_path / "run", "--prompt", "hi")
     config = json.loads((checkpoint / "config.json").read_text())
-    assert_user_error(capsys, "model config differs", *train, "--resume", "--model.n_layer=3")
+    assert_user_error(capsys, "the config differs (model.n_layer: checkpoint 2, config 3)", *train, "--resume", "--model.n_layer=3")
     assert config["model"]["n_layer"] == 2
 
 

@@ -67,7 +67,7 @@ def test_batch_ramp_up_consumes_the_ramped_sizes(tiny_config):
 
 def test_resume_refuses_a_different_model(tiny_config, tmp_path):
     Trainer(tiny_config("--train.max_steps=3")).fit()
-    with pytest.raises(MtnlgError, match=r"model config differs \(model\.n_layer: checkpoint 2, config 3"):
+    with pytest.raises(MtnlgError, match=r"the config differs \(model\.n_layer: checkpoint 2, config 3"):
         Trainer(tiny_config("--model.n_layer=3"), resume=True)
 
 
