@@ -14,13 +14,17 @@ not). The contestants, each training on the same token batches (every target cou
   hf-full          LlamaForCausalLM, every weight trained
 
 A step is forward, loss, backward, gradient clipping at 1.0 and AdamW, at fine-tuning's learning rates
-(mtnlg.finetune.config: 2e-4 LoRA, 2e-5 full) and weight decay 0. The peers get the same AdamW as ours
-(`build_optimizer` over their trainable parameters: the same hyper-parameters, foreach) and the same loss
-(labels shifted as ours, summed over the counted targets and divided by their number). Every contestant's
-first loss is checked to agree before any time is reported. Rounds alternate over the contestants, so
-machine noise hits all alike; tokens/s is the median over rounds. Peak memory is each contestant's peak
-RSS in a fresh subprocess that first imports everything both sides use (the same baseline), then loads its
-model and trains 3 steps; "added" is that peak minus the RSS after imports.
+(mtnlg.finetune.config: 2e-4 LoRA, 2e-5 full) and weight decay 0. The peers get torch's AdamW over their
+trainable parameters with the same hyper-parameters, as a peft user writes it, and the same loss (labels
+shifted as ours, summed over the counted targets and divided by their number). Every contestant's
+first loss is checked to agree before any time is reported (and the second, after one update, printed).
+Rounds alternate over the contestants, each beside its peer and the order reversed every other round, so
+machine noise hits all alike; tokens/s is the median over rounds, and each ratio is given both as the ratio
+of the medians and as the median of the per-round ratios (the steps of one round share the machine's mood).
+Steps run at torch.set_num_threads(this machine's cores), so another program on the machine slows every
+parallel op; the script says how many cores other programs kept busy during the timing. Peak memory is
+each contestant's peak RSS in a fresh subprocess that first imports everything both sides use (the same
+baseline), then loads its model and trains 3 steps; "added" is that peak minus the RSS after imports.
 
 Then packing against padding for SFT: examples of log-uniform lengths between 16 and the sequence length
 (a prompt share of 25-75% untrained), the same set trained once through mtnlg's LoRA (q, v) with packed
@@ -28,9 +32,9 @@ rows (`Examples(..., packing=True)`: several examples a row, attention kept with
 rows (one example a row, padded to the longest of its batch), the same rows per batch; the rate counts the
 examples' own tokens.
 
-    .venv/bin/python benchmarks/finetune_throughput.py                  # 6 layers, d_model 512, seq 256, batch 8
+    .venv/bin/python benchmarks/finetune_throughput.py                  # 6 layers, d_model 512, seq 256, batch 4
     .venv/bin/python benchmarks/finetune_throughput.py --preset tiny    # a quick check that it all runs
-    .venv/bin/python benchmarks/finetune_throughput.py --layers 12 --d-model 768 --heads 12 --no-memory
+    .venv/bin/python benchmarks/finetune_throughput.py --batch 8 --rounds 3 --no-memory
 """
 
 from __future__ import annotations
@@ -62,26 +66,26 @@ from mtnlg.finetune.data import Examples
 from mtnlg.finetune.lora import adapter_initial_value, apply_lora, is_adapter, with_new_adapters
 from mtnlg.hardware import Precision, keep_freed_memory, this_cpu
 from mtnlg.interop.hf import export_hf
+from mtnlg.model.flops import measure_matmul_flops
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.launch import init_distributed
 from mtnlg.tokenizer import Tokenizer
-from mtnlg.train.optim import build_optimizer
 from mtnlg.train.parts import ModelParts
 
 MiB = 2**20
 PRESETS = {
-    "small": dict(layers=6, d_model=512, heads=8, vocab=8192, seq=256, batch=8),
+    "small": dict(layers=6, d_model=512, heads=8, vocab=8192, seq=256, batch=4),
     "tiny": dict(layers=2, d_model=128, heads=4, vocab=1024, seq=64, batch=4),
 }
 QV = ["q_proj", "v_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (side, LoRA targets or None for full fine-tuning)
-CONTESTANTS = {
+CONTESTANTS = {  # in each round's order (reversed every other round), each beside its peer
     "mtnlg-lora-qv": ("mtnlg", QV),
-    "mtnlg-lora-all": ("mtnlg", ALL),
-    "mtnlg-full": ("mtnlg", None),
     "peft-lora-qv": ("hf", QV),
+    "mtnlg-lora-all": ("mtnlg", ALL),
     "peft-lora-all": ("hf", ALL),
+    "mtnlg-full": ("mtnlg", None),
     "hf-full": ("hf", None),
 }
 R, ALPHA, SEED = 8, 16.0, 1234
@@ -137,7 +141,8 @@ def hf_module_name(ours: str) -> str:
 
 def build_hf(hf_dir: Path, args: argparse.Namespace, targets: list[str] | None, name: str) -> Contestant:
     """transformers' LlamaForCausalLM from the export, with peft's LoRA on the same layers (and mtnlg's
-    adapter values, so both train the same numbers), or whole; mtnlg's AdamW over its trainable parameters."""
+    adapter values, so both train the same numbers), or whole; AdamW over its trainable parameters, as a
+    peft user writes it, with the run's hyper-parameters."""
     from transformers import AutoModelForCausalLM
 
     tc = train_config(args, bool(targets))
@@ -154,7 +159,8 @@ def build_hf(hf_dir: Path, args: argparse.Namespace, targets: list[str] | None, 
                 params[f"base_model.model.{hf_module_name(module)}.{adapter}.default.weight"].copy_(value)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, tc)
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                                  weight_decay=tc.weight_decay)
 
     def step(batch: Batch) -> float:
         denominator = max(batch.loss_tokens, 1)
@@ -181,7 +187,7 @@ def mtnlg_adapters(cfg: ModelConfig, targets: list[str], seed: int) -> dict[str,
 
 def build(name: str, checkpoint: Path, hf_dir: Path, args: argparse.Namespace) -> Contestant:
     side, targets = CONTESTANTS[name]
-    return (build_mtnlg(checkpoint, args, targets, name) if side == "mtnlg" else build_hf(hf_dir, args, targets, name))
+    return build_mtnlg(checkpoint, args, targets, name) if side == "mtnlg" else build_hf(hf_dir, args, targets, name)
 
 
 def token_batches(args: argparse.Namespace, count: int) -> list[Batch]:
@@ -193,6 +199,27 @@ def token_batches(args: argparse.Namespace, count: int) -> list[Batch]:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has spent busy, of them this process's), from /proc/stat (Linux):
+    the difference over a phase tells how much of the CPUs other programs took meanwhile."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), mine.ru_utime + mine.ru_stime
+
+
+def others_share(before: tuple[float, float] | None, wall: float, cores: int) -> str:
+    after = busy_seconds()
+    if before is None or after is None:
+        return ""
+    others = max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+    return f"; other programs kept {others / wall:.1f} of the {cores} cores busy meanwhile"
 
 
 def child(args: argparse.Namespace) -> None:
@@ -257,13 +284,16 @@ def packing_vs_padding(contestant: Contestant, args: argparse.Namespace) -> None
     real = sum(len(r.tokens) for r in rows)
     modes, padding = {}, {}
     for mode, packing in (("packed", True), ("padded", False)):
-        epoch = one_epoch(Examples(rows, args.seq, SEED, packing), len(rows))
+        examples = Examples(rows, args.seq, SEED, packing)
+        assert len(examples.examples) == len(rows)  # none cut or dropped: each has a response within the row
+        epoch = one_epoch(examples, len(rows))
         batches = [Batch.collate(epoch[i : i + args.batch]) for i in range(0, len(epoch), args.batch)]
         modes[mode] = batches
         inputs = sum(len(r.tokens) - 1 for r in epoch)  # a row's last token is only a target
         padding[mode] = 1 - inputs / sum(b.inputs.numel() for b in batches)
         contestant.step(batches[0])  # warm-up on this mode's shapes
     times: dict[str, list[float]] = {m: [] for m in modes}
+    before, began = busy_seconds(), time.perf_counter()
     for _ in range(args.sft_rounds):
         for mode, batches in modes.items():
             start = time.perf_counter()
@@ -273,8 +303,9 @@ def packing_vs_padding(contestant: Contestant, args: argparse.Namespace) -> None
     lengths = np.array([len(r.tokens) for r in rows])
     print(f"\npacking vs padding ({contestant.name}): {len(rows)} examples of log-uniform lengths 16-{args.seq} "
           f"(median {int(np.median(lengths))}, mean {lengths.mean():.0f}; {real} tokens), {args.batch} rows a batch, "
-          f"one pass over them per round, {args.sft_rounds} rounds")
-    print("| rows | rows | batches | rows x width | padding | time per pass (median; each round) | example tokens/s |")
+          f"one pass over them per round, {args.sft_rounds} rounds"
+          f"{others_share(before, time.perf_counter() - began, os.cpu_count() or 1)}")
+    print("| rows | count | batches | rows x width | padding | time per pass (median; each round) | example tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     rate = {}
     for mode, batches in modes.items():
@@ -294,13 +325,13 @@ def main() -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="small")
     for key in PRESETS["small"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: this machine's cores")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per contestant per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating over the contestants")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: the cores")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per contestant per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, alternating over the contestants")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contestant first")
     parser.add_argument("--only", default="", help="comma-separated contestants (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-    parser.add_argument("--sft-examples", type=int, default=160, help="0 skips packing vs padding")
+    parser.add_argument("--sft-examples", type=int, default=128, help="0 skips packing vs padding")
     parser.add_argument("--sft-rounds", type=int, default=2)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-dir", default="", help=argparse.SUPPRESS)
@@ -328,6 +359,8 @@ def main() -> None:
           f"vocab {args.vocab}, seq {args.seq}, batch {args.batch} ({tokens} tokens a step), fp32, {args.threads} "
           f"threads; LoRA r {R}, alpha {ALPHA:g}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}")
+    peak = max(measure_matmul_flops(torch.device("cpu"), n=n) for n in (1024, 2048))
+    print(f"matmul peak (measured now, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -350,20 +383,22 @@ def main() -> None:
         if spread > 1e-4:
             raise SystemExit(f"the contestants disagree on the first loss (spread {spread:.2e}); not timing them")
         state = {c.name: c.state_bytes() for c in contestants}
-        for c in contestants:
-            for i in range(1, args.warmup):
-                c.step(batches[i % len(batches)])
+        second = {c.name: [c.step(batches[i % len(batches)]) for i in range(1, args.warmup)] for c in contestants}
+        if args.warmup > 1:  # after one AdamW step from the same weights (and adapters): still the same loss
+            print("second loss: " + ", ".join(f"{n} {v[0]:.6f}" for n, v in second.items()), flush=True)
         rates: dict[str, list[float]] = {c.name: [] for c in contestants}
+        before, began = busy_seconds(), time.perf_counter()
         for r in range(args.rounds):
-            for c in contestants:
+            for c in contestants if r % 2 == 0 else contestants[::-1]:
                 start = time.perf_counter()
                 for i in range(args.steps):
                     c.step(batches[(r * args.steps + i) % len(batches)])
                 rates[c.name].append(args.steps * tokens / (time.perf_counter() - start))
 
         rate = {n: statistics.median(v) for n, v in rates.items()}
+        shared = others_share(before, time.perf_counter() - began, os.cpu_count() or 1)
         print(f"\n{args.rounds} rounds of {args.steps} steps per contestant after {args.warmup} warm-up steps; "
-              "tokens/s is the median over rounds (the range in brackets)")
+              f"tokens/s is the median over rounds (the range in brackets){shared}")
         print("| contestant | tokens/s | trainable params | optimizer state | peak RSS | added by training |")
         print("|---|---:|---:|---:|---:|---:|")
         for c in contestants:
@@ -372,14 +407,14 @@ def main() -> None:
             print(f"| {c.name} | {rate[c.name]:.0f} ({min(rates[c.name]):.0f}-{max(rates[c.name]):.0f}) | "
                   f"{c.trainable:,} | {state[c.name] / MiB:.2f} MiB | {mem} |")
         for ours, theirs in (("mtnlg-lora-qv", "peft-lora-qv"), ("mtnlg-lora-all", "peft-lora-all"),
-                             ("mtnlg-full", "hf-full")):
+                             ("mtnlg-full", "hf-full"), ("mtnlg-lora-qv", "mtnlg-full")):
             if ours in rate and theirs in rate:
-                print(f"speed {ours} / {theirs}: {rate[ours] / rate[theirs]:.2f}")
+                paired = [a / b for a, b in zip(rates[ours], rates[theirs])]  # the same round: the same noise
+                print(f"speed {ours} / {theirs}: {rate[ours] / rate[theirs]:.2f} (medians); per round "
+                      f"{statistics.median(paired):.2f} median, {min(paired):.2f}-{max(paired):.2f}")
         for lora in ("mtnlg-lora-qv", "mtnlg-lora-all"):
             if lora in state and "mtnlg-full" in state:
                 print(f"optimizer state {lora} / mtnlg-full: {state[lora] / state['mtnlg-full']:.2%}")
-        if "mtnlg-lora-qv" in rate and "mtnlg-full" in rate:
-            print(f"speed mtnlg-lora-qv / mtnlg-full: {rate['mtnlg-lora-qv'] / rate['mtnlg-full']:.2f}")
 
         if args.sft_examples:
             sft = next((c for c in contestants if c.name == "mtnlg-lora-qv"), None)
