@@ -231,7 +231,7 @@ def _reference(tiny_config, tmp_path_factory, model: str, extra: tuple[str, ...]
 
 
 def _check_parity(tiny_config, tmp_path, tmp_path_factory, layout: dict, model: str = "tiny", val_rtol: float = 1e-5,
-                  weight_atol: float = 1e-4, extra: tuple[str, ...] = ()):
+                  weight_atol: float = 3e-4, extra: tuple[str, ...] = ()):
     """The layout's losses, validation losses and final weights against one process's; its initial weights
     bit for bit. `extra`: further overrides of both runs."""
     world = math.prod(layout.get(k, 1) for k in ("tp", "pp", "dp_shard", "dp_replicate"))
@@ -248,7 +248,9 @@ def _check_parity(tiny_config, tmp_path, tmp_path_factory, layout: dict, model: 
     loss_diff = max(abs(got["losses"][s] - v) / v for s, v in want["losses"].items())
     val_diff = max(abs(got["val"][s] - v) / v for s, v in want["val"].items())
     # The key bias gets an exactly-zero gradient in exact arithmetic (it shifts every score of a query by
-    # the same amount), so AdamW turns float rounding noise into full-size steps: not comparable.
+    # the same amount), so AdamW turns float rounding noise into full-size steps: not comparable. Elsewhere
+    # AdamW's normalized steps grow small gradients' rounding noise too: up to 1.6e-4 after these 10 steps
+    # on an AVX-512 CPU (Zen 4), under 1e-4 on AVX2.
     weight_diff = max(
         (got["weights"][k] - v).abs().max().item() for k, v in want["weights"].items() if not k.endswith("k_proj.bias")
     )
