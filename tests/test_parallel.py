@@ -1,7 +1,7 @@
 """Parallel layouts: config validation and the pipeline split (single process), and parity with one process
 on 2-4 gloo processes.
 
-Each multi-process test runs the real Trainer for 10 AdamW steps on the same global batches as a
+Each multi-process test runs the real Trainer for 6 AdamW steps on the same global batches as a
 single-process Trainer run here, and asserts bit-identical initial weights, equal losses and validation
 losses, and equal final weights.
 """
@@ -165,7 +165,7 @@ def test_whole_model_with_pipeline_layout_is_refused():
 
 
 def _parity_config(tiny_config, run_dir, layout: dict, model: str, *extra: str):
-    """10 AdamW steps of 4 samples, evaluated at steps 5 and 10. The micro-batch is one sample, so a pipeline
+    """6 AdamW steps of 4 samples, evaluated at steps 3 and 6. The micro-batch is one sample, so a pipeline
     runs a data-parallel rank's slice as that many micro-batches; model is a preset, then optionally a layer
     count and switches to turn on: "tiny", "tiny:4", "llama-tiny+qkv_bias+qk_norm"."""
     name, *switches = model.split("+")
@@ -174,8 +174,8 @@ def _parity_config(tiny_config, run_dir, layout: dict, model: str, *extra: str):
     return tiny_config(
         f"--model.preset={name}", *([f"--model.n_layer={n_layer}"] if n_layer else []),
         *(f"--model.{switch}=true" for switch in switches),
-        "--train.max_steps=10", "--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.lr=1e-2",
-        "--train.warmup_steps=2", "--train.weight_decay=0.1", "--train.grad_clip=1.0", "--train.eval_interval=5",
+        "--train.max_steps=6", "--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.lr=1e-2",
+        "--train.warmup_steps=2", "--train.weight_decay=0.1", "--train.grad_clip=1.0", "--train.eval_interval=3",
         "--train.eval_batches=1", "--train.save_interval=0", "--train.log_interval=1",
         *(f"--parallel.{k}={v}" for k, v in layout.items()), f"--parallel.microbatches={per_rank}", *extra,
         out_dir=run_dir,
@@ -249,15 +249,15 @@ def _check_parity(tiny_config, tmp_path, tmp_path_factory, layout: dict, model: 
     val_diff = max(abs(got["val"][s] - v) / v for s, v in want["val"].items())
     # The key bias gets an exactly-zero gradient in exact arithmetic (it shifts every score of a query by
     # the same amount), so AdamW turns float rounding noise into full-size steps: not comparable. Elsewhere
-    # AdamW's normalized steps grow small gradients' rounding noise too: up to 1.6e-4 after these 10 steps
+    # AdamW's normalized steps grow small gradients' rounding noise too: up to 1.6e-4 after 10 such steps
     # on an AVX-512 CPU (Zen 4), under 1e-4 on AVX2.
     weight_diff = max(
         (got["weights"][k] - v).abs().max().item() for k, v in want["weights"].items() if not k.endswith("k_proj.bias")
     )
     print(f"{layout} {model}: relative loss diff {loss_diff:.1e}, validation {val_diff:.1e}, weights {weight_diff:.1e}")
-    assert got["losses"].keys() == want["losses"].keys() == set(range(1, 11)) and got["val"].keys() == {5, 10}
+    assert got["losses"].keys() == want["losses"].keys() == set(range(1, 7)) and got["val"].keys() == {3, 6}
     assert loss_diff < 1e-5 and val_diff < val_rtol and weight_diff < weight_atol
-    assert want["losses"][10] < want["losses"][1]  # it trained
+    assert want["losses"][6] < want["losses"][1]  # it trained
 
 
 @pytest.mark.slow
