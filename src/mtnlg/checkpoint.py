@@ -144,16 +144,18 @@ def save_training_checkpoint(
 def checkpoint_bytes(model_cfg: ModelConfig, consolidated: bool = False, lora: LoraConfig | None = None) -> int:
     """About the bytes one training checkpoint of this model takes on disk (within a few %): fp32 weights and
     AdamW's two fp32 moments and step for every trained parameter name (a tied embedding's two names each hold
-    all of them; with `lora`, the adapters alone), plus DCP's framing; with `consolidated`, model.safetensors too."""
+    all of them; with `lora`, the adapters alone), plus DCP's framing; with `consolidated`, model.safetensors too
+    (never written beside adapters)."""
+    adapters = lora is not None and lora.r > 0
     with torch.device("meta"):  # shapes only
         model = GPT(model_cfg)
-        if lora is not None and lora.r:
+        if adapters:
             from mtnlg.finetune.lora import apply_lora
 
             apply_lora(model, lora)
     trained = [p for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
     state = sum(3 * 4 * p.numel() + 4 + DCP_BYTES_PER_NAME for p in trained)
-    return state + (4 * model_size(model_cfg).params if consolidated else 0)
+    return state + (4 * model_size(model_cfg).params if consolidated and not adapters else 0)
 
 
 def _is_disk_full(error: BaseException, directory: Path, needs: int) -> bool:

@@ -75,7 +75,7 @@ def _fit(config, resume: bool | str) -> int:
         cut += f", {data.dropped} of them dropped with no response left" if data.dropped else ""
         say(f"fine-tuning on {len(data.examples)} examples ({len(val.examples) if val else 0} held out for "
             f"validation{cut})", flush=True)
-    size = human(checkpoint_bytes(config.model, config.train.consolidate == "every" and not config.lora.r, config.lora), "B")
+    size = human(checkpoint_bytes(config.model, config.train.consolidate == "every", config.lora), "B")
     if config.lora.r:
         size += " (the adapters and their optimizer state)"
     say(f"each checkpoint takes about {size} in {trainer.checkpoints_dir} (train.keep_last = "

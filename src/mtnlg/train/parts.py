@@ -3,9 +3,9 @@ pipeline stages), each with an optimizer, and the schedule that runs a batch thr
 
 The model is built on the meta device, laid out (tensor/sequence parallel, activation checkpointing, the
 compute precision, FSDP or replicas, pipeline stages) and only then given memory, so a rank never holds more
-than its own shards plus one whole parameter, and initialized per (seed, parameter name), so every layout
-starts from the same weights (or from a base model's, when fine-tuning). The trainer, pretraining or fine-tuning, calls `train_step`, `evaluate`,
-`token_scores` and reads `pairs` for checkpoints, whatever the layout.
+than its own shards plus one whole parameter, and initialized per (seed, parameter name) or from a base
+model's weights, so every layout starts from the same weights. The trainer, pretraining or fine-tuning,
+calls `train_step`, `evaluate`, `token_scores` and reads `pairs` for checkpoints, whatever the layout.
 """
 
 from __future__ import annotations
