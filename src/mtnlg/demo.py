@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import mtnlg
-from mtnlg.config import load_config
+from mtnlg.config import Config, load_config
 from mtnlg.data.corpus import build_default_corpus
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.data.prepare import prepare, read_documents
@@ -24,7 +24,7 @@ from mtnlg.files import write_text_atomic
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import EOD, Tokenizer
 from mtnlg.train.metrics import plot_losses
-from mtnlg.train.trainer import Trainer
+from mtnlg.train.trainer import Trainer, TrainResult
 
 PROMPTS = ("The list type", "To open a file, use", "An exception is raised when")
 
@@ -36,26 +36,51 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def run_demo(out: Path, overrides: list[str] | None = None) -> None:
-    began = time.perf_counter()
+class Steps:
+    """Numbered progress lines ("[2/5] ..."), so a user sees how far a demo has come."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self, text: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {text}", flush=True)
+
+
+def pretrain(out: Path, overrides: list[str], step: Steps) -> tuple[Config, TrainResult]:
+    """The demo model (two steps of `step`): corpus, tokenizer and shards under out/data unless they exist,
+    then training to out/run, continued where a previous run stopped (at once when it finished)."""
     data_dir = out / "data"
     config = load_config(
         Path(__file__).parent / "configs" / "demo.toml",
-        [f"--train.data={data_dir / 'corpus'}", f"--train.out_dir={out / 'run'}", *(overrides or [])],
+        [f"--train.data={data_dir / 'corpus'}", f"--train.out_dir={out / 'run'}", *overrides],
     )
     prefix = Path(config.train.data)
     if not Path(f"{prefix}_train.idx").is_file():
         start = time.perf_counter()
         corpus = build_default_corpus(data_dir / "corpus.jsonl")
-        print(f"[1/5] corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB from this Python's documentation)")
         tokenizer = Tokenizer.train(read_documents(corpus), config.model.vocab_size)
         tokenizer.save(data_dir)
         prepare([corpus], prefix, tokenizer, val_fraction=0.05)
-        print(f"[2/5] tokenizer and shards ready in {time.perf_counter() - start:.0f}s")
+        step(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.1f} MB from this Python's documentation), tokenizer "
+             f"and shards ready in {time.perf_counter() - start:.0f}s")
+    else:
+        step(f"corpus, tokenizer and shards: {data_dir} (already built)")
     trainer = Trainer(config, resume="auto")
     start = f"resuming from step {trainer.step}" if trainer.resumed_from else "from scratch"
-    print(f"[3/5] training the demo model ({start}) -> {config.train.out_dir}")
+    step(f"training the demo model ({start}) -> {config.train.out_dir}")
     result = trainer.fit()
+    if result.val_loss is None and not result.stopped_by:  # finished before: nothing trained, so measure it
+        result.val_loss = trainer.evaluate()
+    return config, result
+
+
+def run_demo(out: Path, overrides: list[str] | None = None) -> None:
+    began = time.perf_counter()
+    step = Steps(4)
+    config, result = pretrain(out, overrides or [], step)
+    prefix = Path(config.train.data)
+    data_dir = prefix.parent
     if result.stopped_by:
         print(f"stopped by {result.stopped_by}; run `make demo` again to continue")
         return
@@ -65,11 +90,11 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> None:
     print(f"unigram entropy of val set {entropy:.3f} nats/token: the model is {entropy - result.val_loss:.2f} nats better")
     print(f"loss curve: {plot_losses(config.train.out_dir)}")
     model = mtnlg.load(config.train.out_dir)
-    print("[4/5] completions (temperature 0.7, top-p 0.9):")
+    step("completions (temperature 0.7, top-p 0.9):")
     for prompt, completion in zip(PROMPTS, model.generate(PROMPTS, max_new_tokens=40, temperature=0.7, top_p=0.9, seed=0)):
         print(f"  {prompt!r} -> {completion.text!r}")
     task = write_word_order_task(held_out_documents(f"{prefix}_val", model.tokenizer), data_dir / "word_order.jsonl")
-    print(f"[5/5] evaluation on {task}: the first 8 words of a held-out docstring paragraph, then its next 8 as "
+    step(f"evaluation on {task}: the first 8 words of a held-out docstring paragraph, then its next 8 as "
           "written or shuffled three ways; which is the text? (chance 0.25)")
     evaluate_against_random_init(model, task)
     minutes, seconds = divmod(round(time.perf_counter() - began), 60)

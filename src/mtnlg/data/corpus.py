@@ -4,10 +4,12 @@ import contextlib
 import importlib
 import inspect
 import io
+import itertools
 import json
 import pkgutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydoc_data.topics
@@ -32,21 +34,22 @@ def _import_quietly(name: str):
     return None if out.getvalue() else module
 
 
-def _docstrings(module) -> list[str]:
-    """The module's docstring, then those of its public classes, functions and methods."""
+def _docstrings(module) -> list[tuple[str, str]]:
+    """(name, docstring) of the module (name ""), then of its public classes, functions and methods
+    ("Class.method")."""
     names = getattr(module, "__all__", None)
     if not isinstance(names, (list, tuple)):
         names = [n for n in dir(module) if not n.startswith("_")]
-    docs = [inspect.getdoc(module)]
+    docs = [("", inspect.getdoc(module))]
     for name in sorted(set(names)):
         obj = getattr(module, name, None)
         if not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue
-        docs.append(inspect.getdoc(obj))
+        docs.append((name, inspect.getdoc(obj)))
         if inspect.isclass(obj):
             methods = sorted((n, m) for n, m in vars(obj).items() if not n.startswith("_") and inspect.isroutine(m))
-            docs += [inspect.getdoc(m) for _, m in methods]
-    return [d for d in docs if isinstance(d, str) and d.strip()]
+            docs += [(f"{name}.{n}", inspect.getdoc(m)) for n, m in methods]
+    return [(n, d) for n, d in docs if isinstance(d, str) and d.strip()]
 
 
 def _modules(name: str):
@@ -60,18 +63,25 @@ def _modules(name: str):
             yield from _modules(f"{name}.{info.name}")
 
 
+def api_docs() -> Iterator[tuple[str, str, str]]:
+    """(module, name, docstring) of every importable public stdlib module (name "") and of its public
+    classes, functions and methods, module by module in sorted order."""
+    for top in sorted(sys.stdlib_module_names):
+        if not top.startswith("_") and top not in _SKIP:
+            for module in _modules(top):
+                yield from ((module.__name__, name, doc) for name, doc in _docstrings(module))
+
+
 def build_default_corpus(path: str | Path) -> Path:
-    """Write the corpus as JSONL ({"text": ...} per line): each help topic, then each stdlib module's docstrings."""
+    """Write the corpus as JSONL ({"text": ...} per line): each help topic, then each stdlib module's
+    docstrings, each text once."""
     path = Path(path)
     topics = pydoc_data.topics.topics
     documents = list(dict.fromkeys(topics[key].strip() for key in sorted(topics)))  # some topics share a text
     seen = set(documents)
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in _SKIP:
-            continue
-        for module in _modules(name):
-            docs = [d for d in dict.fromkeys(_docstrings(module)) if d not in seen]
-            seen.update(docs)
-            if docs:
-                documents.append("\n\n".join(docs))
+    for _, docs in itertools.groupby(api_docs(), key=lambda entry: entry[0]):
+        texts = [d for d in dict.fromkeys(doc for _, _, doc in docs) if d not in seen]
+        seen.update(texts)
+        if texts:
+            documents.append("\n\n".join(texts))
     return write_text_atomic(path, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in documents))
