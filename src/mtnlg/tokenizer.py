@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizer on Hugging Face `tokenizers`: train one, or load tokenizer.json / GPT-2 vocab+merges;
 and the chat template that turns messages into a prompt, kept as Hugging Face keeps it."""
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -80,16 +81,9 @@ class Tokenizer:
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The prompt for a conversation, by the chat template as `transformers`' apply_chat_template renders it."""
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         try:
-            template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            template = _compiled(self.chat_template or DEFAULT_CHAT_TEMPLATE)
             return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.decode([self.eod_id]))
         except TemplateError as e:
@@ -149,6 +143,22 @@ def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """A chat template compiled once (compiling costs a hundred times a render), in a sandbox as transformers
+    renders it."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    return env.from_string(template)
 
 
 def _chat_template(config: Path) -> str | None:
