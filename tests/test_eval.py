@@ -443,3 +443,56 @@ def test_perplexity_of_a_shard_equals_that_of_its_text(tiny_data, tmp_path):
     assert a.metrics == pytest.approx(b.metrics, rel=1e-6)
     assert [s["bytes"] for s in a.samples] == [len(s["doc"]["text"].encode()) for s in b.samples]
     assert all(tokenizer.eod_id not in d["ids"] for d in shard.docs)
+
+
+class Given:
+    """A scorer whose generations are given, one per prompt: the harness's metrics on known predictions."""
+
+    max_len = 1024
+
+    def __init__(self, generations: dict[str, str]):
+        self.generations = generations
+
+    def loglikelihoods(self, requests: list, progress=None) -> list:
+        assert not requests  # a generation task asks for none
+        return []
+
+    def generate(self, prompts: list[str], until: list[str], max_tokens: int, truncate: bool) -> list[str]:
+        return [self.generations[p] for p in prompts]
+
+
+def test_generation_metrics_are_rouge_score_and_sacrebleu(tokenizer, tmp_path):
+    """Per document ROUGE-L equals Google's rouge_score (its default tokens: lower case, a-z and 0-9) on the best
+    answer; chrF and BLEU are sacrebleu's corpus scores, every answer a reference; the table and the results
+    JSON carry all of them."""
+    import sacrebleu
+
+    from mtnlg.eval.harness import HIGHER_IS_BETTER
+    from mtnlg.eval.results import format_table, results_json
+
+    rouge = pytest.importorskip("rouge_score.rouge_scorer").RougeScorer(["rougeL"])
+    cases = [(" The cat sat on the mat.", ["the cat is on the mat"]), ("a b c d", ["d c b a", "x a c"]),
+             ("Hello, World! 42", ["hello world 42"]), ("police kill the gunman", ["the gunman police killed"]),
+             (" the the the", ["the cat the", "cat"]), ("Über café, naïve", ["uber cafe naive"]), ("", ["something"]),
+             ("---", ["..."])]
+    task = tmp_path / "gen.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Q{i}:", "answers": a}) + "\n" for i, (_, a) in enumerate(cases)))
+    given = Given({f"Q{i}:": prediction for i, (prediction, _) in enumerate(cases)})
+    (result,) = evaluate(given, tokenizer, [load_task(str(task))], Options(progress=False))
+    expected = [max(rouge.score(a, p)["rougeL"].fmeasure for a in answers) for p, answers in cases]
+    assert [s["rouge_l"] for s in result.samples] == pytest.approx(expected, abs=1e-12)
+    assert result.metrics["rouge_l"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    predictions = [p.strip() for p, _ in cases]
+    references = [[answers[i] if i < len(answers) else None for _, answers in cases] for i in range(2)]
+    assert result.metrics["chrf"] == sacrebleu.corpus_chrf(predictions, references).score
+    assert result.metrics["bleu"] == sacrebleu.corpus_bleu(predictions, references).score > 0
+    assert "chrf_stderr" not in result.metrics and "bleu_stderr" not in result.metrics
+    table = format_table([result]).splitlines()
+    assert [line.split()[-2:] for line in table if "chrf" in line or "bleu" in line] == [
+        ["chrf", f"{result.metrics['chrf']:.4f}"], ["bleu", f"{result.metrics['bleu']:.4f}"]]
+    assert any(line.split()[0] == "rouge_l" and "±" in line for line in table)
+    summary = results_json([result], "model", Options(), {}, 0.0)
+    assert {"rouge_l,none", "rouge_l_stderr,none", "chrf,none", "bleu,none"} <= set(summary["results"]["gen"])
+    metrics = ("exact_match", "f1", "rouge_l", "chrf", "bleu")
+    assert summary["higher_is_better"]["gen"] == {m: True for m in metrics}
+    assert all(HIGHER_IS_BETTER[m] for m in metrics)

@@ -60,7 +60,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _fit(config, resume: bool | str) -> int:
     """Train (or fine-tune) as `config` says, reporting on rank 0; the exit code says how it ended."""
     from mtnlg.checkpoint import checkpoint_bytes
+    from mtnlg.finetune.data import read_records, translation_texts
     from mtnlg.model.flops import human
+    from mtnlg.tokenizer import coverage_report
     from mtnlg.train.trainer import Trainer
 
     trainer = Trainer(config, resume=resume)
@@ -75,6 +77,9 @@ def _fit(config, resume: bool | str) -> int:
         cut += f", {data.dropped} of them dropped with no response left" if data.dropped else ""
         say(f"fine-tuning on {len(data.examples)} examples ({len(val.examples) if val else 0} held out for "
             f"validation{cut})", flush=True)
+        languages = translation_texts(record for _, record in read_records(Path(config.finetune.data)))
+        if languages:
+            say(f"the tokenizer on each language:\n{coverage_report(trainer.tokenizer, languages)}", flush=True)
     size = human(checkpoint_bytes(config.model, config.train.consolidate == "every", config.lora), "B")
     if config.lora.r:
         size += " (the adapters and their optimizer state)"

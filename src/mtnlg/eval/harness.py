@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
 from mtnlg.defaults import MAX_GEN_TOKENS
@@ -25,17 +26,19 @@ from mtnlg.tokenizer import Tokenizer
 
 # How each metric of a task type is aggregated over documents (lm-eval's names); "mean" ones get a standard
 # error. Rolling metrics are weighted: the whole task's nats over its tokens, words or bytes (ROLLING_UNIT).
+# chrF and BLEU are sacrebleu's corpus scores (0-100) over the whole task, as lm-eval aggregates them.
 METRICS = {
     "multiple_choice": {"acc": "mean", "acc_norm": "mean"},
     "loglikelihood": {"acc": "mean", "perplexity": "perplexity"},
     "loglikelihood_rolling": {"loss": "weighted_mean", "perplexity": "weighted_perplexity",
                               "word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
                               "bits_per_byte": "bits_per_byte"},
-    "generate_until": {"exact_match": "mean", "f1": "mean"},
+    "generate_until": {"exact_match": "mean", "f1": "mean", "rouge_l": "mean", "chrf": "chrf", "bleu": "bleu"},
 }
 ROLLING_UNIT = {"loss": "tokens", "perplexity": "tokens", "word_perplexity": "words", "byte_perplexity": "bytes",
                 "bits_per_byte": "bytes"}
-HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True}
+HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True, "rouge_l": True, "chrf": True,
+                    "bleu": True}
 
 
 @dataclass
@@ -194,6 +197,30 @@ def _f1(prediction: str, answer: str) -> float:
     return 0.0 if common == 0 else 2 * common / (len(ours) + len(theirs))
 
 
+def _rouge_tokens(text: str) -> list[str]:
+    """rouge_score's default tokens: lower case, runs of anything but a-z and 0-9 are spaces, no stemming."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _rouge_l(prediction: str, answer: str) -> float:
+    """ROUGE-L F-measure: the longest common subsequence of the two token lists, over each one's length."""
+    ours, theirs = _rouge_tokens(prediction), _rouge_tokens(answer)
+    row = [0] * (len(theirs) + 1)  # row[j]: LCS of the prediction so far and theirs[:j]
+    for token in ours:
+        diagonal = 0
+        for j, other in enumerate(theirs, 1):
+            diagonal, row[j] = row[j], (diagonal + 1 if token == other else max(row[j], row[j - 1]))
+    common = row[-1]
+    return 0.0 if common == 0 else 2 * common / (len(ours) + len(theirs))
+
+
+def _corpus_score(metric: str, predictions: list[str], answers: list[list[str]]) -> float:
+    """sacrebleu's corpus chrF or BLEU of the stripped predictions; every answer of a document is a reference
+    (a document with fewer answers than another has None in the streams it lacks, as sacrebleu expects)."""
+    streams = [[a[i].strip() if i < len(a) else None for a in answers] for i in range(max(map(len, answers)))]
+    return (CHRF() if metric == "chrf" else BLEU()).corpus_score([p.strip() for p in predictions], streams).score
+
+
 def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equals, as numpy's
 
@@ -209,7 +236,8 @@ def _doc_metrics(task: Task, doc: dict, answer, tokenizer: Tokenizer) -> dict:
         return {"acc": float(answer[0][1]), "perplexity": answer[0][0]}
     if task.kind == "generate_until":
         return {"exact_match": float(any(answer.strip() == a.strip() for a in doc["answers"])),
-                "f1": max(_f1(answer, a) for a in doc["answers"])}
+                "f1": max(_f1(answer, a) for a in doc["answers"]),
+                "rouge_l": max(_rouge_l(answer, a) for a in doc["answers"])}
     text = doc["text"] if "text" in doc else tokenizer.decode(doc["ids"])
     tokens = len(doc["ids"]) if "ids" in doc else len(tokenizer.encode(text))
     return {"loglikelihood": sum(ll for ll, _ in answer), "tokens": tokens,
@@ -229,6 +257,8 @@ def _aggregate(kind: str, samples: list[dict]) -> dict[str, float]:
             n = len(values)
             out[metric] = mean = sum(values) / n
             out[f"{metric}_stderr"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+        elif how in ("chrf", "bleu"):
+            out[metric] = _corpus_score(how, [s["resps"] for s in samples], [s["doc"]["answers"] for s in samples])
         elif how == "perplexity":
             out[metric] = math.exp(-total(metric) / len(samples))
         else:

@@ -9,7 +9,9 @@ A task is a list of documents of one of lm-eval's output types, each normalized 
     loglikelihood_rolling  {"text"} (and "ids" when read from a token shard)
     generate_until         {"context", "answers", "until"}
 
-The prompt conventions (description, few-shot examples, delimiters) are lm-eval's.
+The prompt conventions (description, few-shot examples, delimiters) are lm-eval's. A translation record
+{"src", "tgt", "src_lang", "tgt_lang"}, the one `mtnlg finetune` trains on, is a generate_until document
+whose context is `translation_prompt`, so a held-out file of the fine-tuning data is a task as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Callable
 from mtnlg.errors import MtnlgError
 
 DEFAULT_UNTIL = ["\n\n"]
+TRANSLATION_FIELDS = ("src", "tgt", "src_lang", "tgt_lang")
 SETTINGS = ("description", "target_delimiter", "fewshot_delimiter")  # what a task file's config line may set
 
 # Megatron-Turing NLG 530B's zero-shot accuracy, from its paper: printed beside our numbers.
@@ -77,6 +80,13 @@ class Task:
             return [(p, self.target_delimiter + doc["continuation"]) for p in prompts]
         endings = doc["choices"] if self.kind == "multiple_choice" else [doc["continuation"]]
         return [(prompts[0], self.target_delimiter + e) for e in endings]
+
+
+def translation_prompt(record: dict[str, Any]) -> str:
+    """The prompt of a translation record, the same in fine-tuning and evaluation; the target follows it after
+    a space, on one line."""
+    source, target = record["src_lang"], record["tgt_lang"]
+    return f"Translate {source} to {target}.\n{source}: {record['src']}\n{target}:"
 
 
 # Readers for the files the standard benchmarks are distributed as (the JSON lines of their Hugging Face
@@ -144,7 +154,7 @@ def _kind_of(record: dict) -> str | None:
         return "multiple_choice"
     if "continuation" in record:
         return "loglikelihood"
-    if "answers" in record or "answer" in record:
+    if "answers" in record or "answer" in record or "src" in record:
         return "generate_until"
     return "loglikelihood_rolling" if "text" in record else None
 
@@ -172,6 +182,10 @@ def _normalized(kind: str, r: dict) -> dict:
         return {**doc, "gold": gold}
     if kind == "loglikelihood":
         return {"context": r.get("context", ""), "continuation": text("continuation")}
+    if kind == "generate_until" and "src" in r:
+        for name in TRANSLATION_FIELDS:
+            text(name)
+        return {"context": translation_prompt(r), "answers": [r["tgt"]], "until": ["\n"]}
     if kind == "generate_until":
         answers = texts("answers") if "answers" in r else [text("answer")]
         return {"context": text("context"), "answers": answers, "until": texts("until") if "until" in r else DEFAULT_UNTIL}
@@ -236,7 +250,7 @@ def load_task(spec: str) -> Task:
             nonlocal kind
             line_kind = _kind_of(r)
             if line_kind is None:
-                raise ValueError('no task fields; a line needs "choices", "continuation", "answers" or "text"')
+                raise ValueError('no task fields; a line needs "choices", "continuation", "answers", "src" or "text"')
             if kind and line_kind != kind:
                 raise ValueError(f"a {line_kind} line in a {kind} task; one task holds one type")
             kind = line_kind

@@ -1,13 +1,15 @@
-"""Fine-tuning examples: records of three formats -> token rows in which only the responses are trained.
+"""Fine-tuning examples: records of four formats -> token rows in which only the responses are trained.
 
   Alpaca            {"instruction": ..., "input": ... (optional), "output": ...}   (.jsonl, or a .json array)
   chat              {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
   prompt/completion {"prompt": ..., "completion": ...}
+  translation       {"src": ..., "tgt": ..., "src_lang": ..., "tgt_lang": ...}
 
 Chat records are rendered by the tokenizer's chat template, the one `mtnlg chat` and the server use, and an
 Alpaca record is the conversation of one user message (the instruction, then the input after a blank line)
 and one assistant reply; a tokenizer without a template gets the default one, saved with the checkpoints.
-A prompt/completion record is plain text, for tasks that are not conversations. Each piece of text is
+A prompt/completion record is plain text, for tasks that are not conversations; a translation record is the
+prompt `mtnlg eval` asks it with (`translation_prompt`), then " " and the target. Each piece of text is
 tokenized on its own, as generation will meet it (the rendered prompt, then the reply), and every example
 ends with the end-of-document token, so the model learns to stop.
 
@@ -20,7 +22,7 @@ is a pure function of (seed, i) and the loader's state stays one integer.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,11 @@ import numpy as np
 from mtnlg.config import FinetuneConfig
 from mtnlg.data.batch import Row
 from mtnlg.errors import MtnlgError
+from mtnlg.eval.tasks import TRANSLATION_FIELDS, translation_prompt
 from mtnlg.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
-FORMATS = ('Alpaca {"instruction", "input" (optional), "output"}, chat {"messages": [{"role", "content"}, ...]} '
-           'or prompt/completion {"prompt", "completion"}')
+FORMATS = ('Alpaca {"instruction", "input" (optional), "output"}, chat {"messages": [{"role", "content"}, ...]}, '
+           'prompt/completion {"prompt", "completion"} or translation {"src", "tgt", "src_lang", "tgt_lang"}')
 
 Segments = list[tuple[str, bool]]  # pieces of an example's text, and whether each is trained
 
@@ -73,6 +76,9 @@ def segments(record: Any, where: str, tokenizer: Tokenizer) -> Segments:
     if isinstance(record, dict) and "prompt" in record:
         _check_strings(record, ("prompt", "completion"), where)
         return [(record["prompt"], False), (record["completion"], True)]
+    if isinstance(record, dict) and "src" in record:
+        _check_strings(record, TRANSLATION_FIELDS, where)
+        return [(translation_prompt(record), False), (" " + record["tgt"], True)]
     raise MtnlgError(f"{where}: not a fine-tuning example; expected {FORMATS}")
 
 
@@ -109,6 +115,19 @@ def chat_segments(messages: Any, where: str, tokenizer: Tokenizer) -> Segments:
 
 def uses_chat_template(record: Any) -> bool:
     return isinstance(record, dict) and ("messages" in record or "instruction" in record)
+
+
+def translation_texts(records: Iterable[Any]) -> dict[str, list[str]]:
+    """The texts of the translation records among `records`, by language (each source under its src_lang, each
+    target under its tgt_lang): what `mtnlg.tokenizer.coverage_report` reads. Empty when there are none."""
+    texts: dict[str, list[str]] = {}
+    for record in records:
+        if isinstance(record, dict) and "src" in record:
+            for side in ("src", "tgt"):
+                text, language = record.get(side), record.get(f"{side}_lang")
+                if isinstance(text, str) and isinstance(language, str):
+                    texts.setdefault(language, []).append(text)
+    return texts
 
 
 def tokenize(examples: Sequence[Segments], tokenizer: Tokenizer, train_on_prompt: bool) -> list[Row]:
