@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from mtnlg.defaults import BATCH_SIZE, MAX_GEN_TOKENS, TOKEN_BUDGET
+from mtnlg.defaults import BATCH_SIZE, CHUNK_TOKENS, MAX_GEN_TOKENS, RERANK_TOP, RERANK_WEIGHT, TOKEN_BUDGET
 from mtnlg.errors import MtnlgError
 
 
@@ -369,6 +369,47 @@ def cmd_lm_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> None:
+    from mtnlg.search import build_index
+
+    if args.batch_size < 1:
+        raise MtnlgError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    index = build_index(args.checkpoint, args.files, args.output, pooling=args.pooling, chunk_tokens=args.chunk_tokens,
+                        json_key=args.json_key, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                        progress=True)
+    print(f"wrote {index.directory}: {len(index)} passages of at most {index.info['chunk_tokens']} tokens, "
+          f"{index.info['dimension']}-dimensional vectors ({args.pooling} pooling)")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from mtnlg.search import Index, evaluate_retrieval, format_hits, read_pairs, retrieve
+
+    if bool(args.query) == bool(args.queries):
+        raise MtnlgError("pass QUERY text to search for, or --queries FILE.jsonl to measure recall, not both or neither")
+    if args.k < 1 or (args.rerank_top is not None and args.rerank_top < 1):
+        raise MtnlgError(f"-k and --rerank-top must be 1 or more, got {args.k} and {args.rerank_top}")
+    if (args.rerank_top is not None or args.rerank_weight is not None) and not args.rerank:
+        raise MtnlgError("--rerank-top and --rerank-weight set how --rerank reorders; pass --rerank too, or drop them")
+    if args.rerank_weight is not None and args.rerank_weight < 0:
+        raise MtnlgError(f"--rerank-weight must be 0 or more, got {args.rerank_weight}")
+    index = Index.load(args.index)
+    pairs = read_pairs(Path(args.queries)) if args.queries else None
+    lm = index.load_model(args.model, args.device, args.dtype)
+    top = args.rerank_top or RERANK_TOP
+    weight = RERANK_WEIGHT if args.rerank_weight is None else args.rerank_weight
+    if pairs is None:
+        for query, hits in zip(args.query, retrieve(index, lm, args.query, args.k, args.rerank, top, weight)):
+            print(format_hits(query, hits))
+        return
+    metrics = evaluate_retrieval(index, lm, pairs, args.k, args.rerank, top, weight, progress=True)
+    how = f"reranking the top {max(args.k, top)} with log-likelihood (weight {weight})" if args.rerank else "by cosine similarity"
+    print(f"{metrics.pop('queries')} queries, {how}")
+    missing = metrics.pop("not_in_index")
+    print("  ".join(f"{name} {value:.3f}" for name, value in metrics.items()))
+    if missing:
+        print(f"{missing} of the queries' passages are in no index entry (count as misses); check the passage texts")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from mtnlg.config import ModelConfig
     from mtnlg.model.flops import TRAINING_BYTES_PER_PARAM, human, model_size
@@ -585,6 +626,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("lm-eval", help="lm-evaluation-harness's command line with --model mtnlg available "
                      "(mtnlg lm-eval run --model mtnlg --model_args path=RUN --tasks ...)", add_help=False)
+
+    p = verbs.add_parser("embed", help="embed .txt/.jsonl passages with a checkpoint -> a search index folder")
+    p.add_argument("checkpoint", help="a run directory, checkpoint directory or imported model")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".txt (passages split at blank lines) or .jsonl (one per line)")
+    p.add_argument("--output", required=True, help="the index folder to write (an index there is replaced)")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="how hidden states become a vector")
+    p.add_argument("--chunk-tokens", type=int, help="cut longer passages into pieces of at most N tokens "
+                   f"(default {CHUNK_TOKENS}, or the model's context if shorter)")
+    p.add_argument("--json-key", default="text", help="the field holding the text in .jsonl lines (the others are "
+                   "kept as metadata)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="passages per forward (default %(default)s)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights for inference (as for "
+                   "generate); search loads the model the same way")
+    p.set_defaults(handler=cmd_embed)
+
+    p = verbs.add_parser("search", help="the passages of an index nearest to queries; or recall and MRR of labelled queries")
+    p.add_argument("index", metavar="DIR", help="an index folder written by mtnlg embed")
+    p.add_argument("query", nargs="*", metavar="QUERY", help="text to search for")
+    p.add_argument("--queries", metavar="FILE", help='.jsonl of {"query": ..., "passage": ...} lines: print recall@1, '
+                   "@5, @10 and MRR (the passage text is the right answer)")
+    p.add_argument("-k", type=int, default=10, help="hits per query")
+    p.add_argument("--rerank", action="store_true", help="reorder the best hits by the model's log-likelihood of the "
+                   "query after the passage (SGPT's cross-encoder; one forward per hit)")
+    p.add_argument("--rerank-top", type=int, help=f"hits reranked (default: {RERANK_TOP}, or k if more)")
+    p.add_argument("--rerank-weight", type=float, help="the log-likelihood's weight against the cosine's "
+                   f"(default {RERANK_WEIGHT}; large: the log-likelihood's order alone)")
+    p.add_argument("--model", help="the checkpoint to embed queries with (default: the one that built the index)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="weights for inference (default: as the index was built)")
+    p.set_defaults(handler=cmd_search)
 
     p = verbs.add_parser("info", help="parameters, FLOPs per token and training memory of a model")
     p.add_argument("--model", required=True, help="a preset name (gpt2, mt-nlg-530b, ...) or a checkpoint")

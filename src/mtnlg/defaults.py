@@ -1,4 +1,4 @@
-"""Batch-size defaults shared by the CLI, the Python API and the library that runs them.
+"""Defaults shared by the CLI, the Python API and the library that runs them.
 
 They live apart from the code they size, in a module without torch, so that `mtnlg --help`, `mtnlg plan`
 and `import mtnlg` start without loading torch.
@@ -13,3 +13,9 @@ BATCH_SIZE = 16
 TOKEN_BUDGET = 2048
 
 MAX_GEN_TOKENS = 256  # lm-eval's default for generate_until
+
+# Search (mtnlg.search): passages of about 100 words, as DPR's (capped by the model's context); the best 20
+# cosine hits reranked, the log-likelihood weighted as measured on the demo model (docs/applications.md).
+CHUNK_TOKENS = 128
+RERANK_TOP = 20
+RERANK_WEIGHT = 0.5

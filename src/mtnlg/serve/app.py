@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -29,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from mtnlg import LanguageModel
 from mtnlg.errors import MtnlgError
+from mtnlg.inference.embed import embed
 from mtnlg.inference.engine import Engine, Request
 from mtnlg.inference.sampling import Sampling, seeded_generators
 from mtnlg.serve.metrics import Metrics
@@ -39,7 +39,6 @@ from mtnlg.serve.runner import EngineRunner, Listener, QueueFull
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 OPEN_PATHS = {"/", "/health", "/metrics"}  # no API key asked
-EMBED_BATCH = 16
 # Prompt tokens a server step reads besides its decode rows: inter-token p99 stayed under 3x p50 at 16
 # streaming clients with 128, not with 256 (GPT-2 shape on 2 CPU cores, docs/benchmarks.md).
 SERVE_PREFILL_TOKENS = 128
@@ -211,7 +210,7 @@ def create_app(settings: Settings, load: Callable[[], LanguageModel]) -> FastAPI
         inputs = server.encode(body.input, "input")
         for tokens in inputs:
             server.check_length(tokens, 0, "input")
-        vectors = await asyncio.wrap_future(server.runner.call(lambda: _embed(server.lm.model, inputs, settings.pooling)))
+        vectors = await asyncio.wrap_future(server.runner.call(lambda: embed(server.lm.model, inputs, settings.pooling)))
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
                  else v.tolist()} for i, v in enumerate(vectors)]
@@ -439,27 +438,6 @@ class _GenerationFailed(Exception):
 
 def _finish(seq: Request) -> str:
     return "length" if seq.finish == "length" else "stop"
-
-
-def _embed(model: torch.nn.Module, inputs: list[list[int]], pooling: str) -> list[np.ndarray]:
-    """L2-normalized pooled final hidden states; right padding is never attended to (causal attention)."""
-    device = next(model.parameters()).device
-    vectors = []
-    with torch.no_grad():
-        for start in range(0, len(inputs), EMBED_BATCH):
-            batch = inputs[start : start + EMBED_BATCH]
-            lengths = torch.tensor([len(t) for t in batch], device=device)
-            tokens = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=device)
-            for i, t in enumerate(batch):
-                tokens[i, : len(t)] = torch.tensor(t)
-            hidden = model(tokens, hidden=True).float()
-            if pooling == "last":
-                pooled = hidden[torch.arange(len(batch), device=device), lengths - 1]
-            else:
-                real = (torch.arange(tokens.size(1), device=device) < lengths[:, None]).float()[..., None]
-                pooled = (hidden * real).sum(1) / lengths[:, None]
-            vectors += list(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
-    return vectors
 
 
 def _key_matches(scope: dict, key: str) -> bool:
