@@ -262,10 +262,13 @@ class FinetuneConfig:
     val_fraction: float = 0.05  # share of the examples held out for validation (at least one when > 0)
     train_on_prompt: bool = False  # also train on the prompt tokens (default: only on the responses)
     packing: bool = True  # several examples per row (attention kept within each), else one padded example per row
+    temperature: float = 0.05  # contrastive pairs: cosine similarities are divided by it before the softmax
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise MtnlgError(f"finetune.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.temperature > 0:
+            raise MtnlgError(f"finetune.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass

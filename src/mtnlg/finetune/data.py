@@ -32,6 +32,7 @@ from mtnlg.config import FinetuneConfig
 from mtnlg.data.batch import Row
 from mtnlg.errors import MtnlgError
 from mtnlg.eval.tasks import TRANSLATION_FIELDS, translation_prompt
+from mtnlg.finetune.contrastive import PAIR_FORMAT, is_pair, pair_rows
 from mtnlg.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
 FORMATS = ('Alpaca {"instruction", "input" (optional), "output"}, chat {"messages": [{"role", "content"}, ...]}, '
@@ -147,17 +148,19 @@ def tokenize(examples: Sequence[Segments], tokenizer: Tokenizer, train_on_prompt
 class Examples:
     """Fine-tuning rows in a seeded order per epoch: packed several to a row of `seq_len` + 1 tokens, or one
     per row (padded at collation). Longer examples are cut to fit (`cut` counts them), and dropped when the
-    cut leaves nothing to train (`dropped`: a prompt as long as the row)."""
+    cut leaves nothing to train (`dropped`: a prompt as long as the row). `contrastive`: the rows are
+    (query, passage) pairs (`mtnlg.finetune.contrastive`)."""
 
-    def __init__(self, examples: Sequence[Row], seq_len: int, seed: int, packing: bool):
-        cut = [Row(e.tokens[: seq_len + 1], e.trained[: seq_len + 1]) for e in examples]
+    def __init__(self, examples: Sequence[Row], seq_len: int, seed: int, packing: bool, contrastive: bool = False):
+        cut = [Row(e.tokens[: seq_len + 1], e.trained[: seq_len + 1], None if e.positions is None else e.positions[: seq_len + 1])
+               for e in examples]
         self.examples = [e for e in cut if e.trained[1:].any()]
         self.cut = sum(len(e.tokens) > seq_len + 1 for e in examples)
         self.dropped = len(examples) - len(self.examples)
         if not self.examples:
             raise MtnlgError(f"no example has a response within model.max_seq_len ({seq_len}) tokens; add examples "
                              "or shorten their prompts")
-        self.seq_len, self.seed, self.packing = seq_len, seed, packing
+        self.seq_len, self.seed, self.packing, self.contrastive = seq_len, seed, packing, contrastive
         self._starts = [0]  # the sample index where each epoch begins, for the epochs met so far
         self._epoch, self._rows = -1, []  # the latest epoch's rows
 
@@ -193,16 +196,26 @@ class Examples:
 
 def examples(cfg: FinetuneConfig, tokenizer: Tokenizer, seq_len: int, seed: int) -> tuple[Examples, Examples | None]:
     """The training and validation rows of `cfg.data`: val_fraction of the examples (at least one, and never
-    all) held out by a seeded draw. Installs the default chat template when chat or Alpaca records meet a tokenizer without one."""
+    all) held out by a seeded draw. Installs the default chat template when chat or Alpaca records meet a
+    tokenizer without one. A file of (query, passage) pairs gives contrastive rows, one pair each."""
     records = list(read_records(Path(cfg.data)))
     if not records:
         raise MtnlgError(f"{cfg.data}: no examples; add {FORMATS} records, one per line")
-    if tokenizer.chat_template is None and any(uses_chat_template(r) for _, r in records):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    rows = tokenize([segments(r, where, tokenizer) for where, r in records], tokenizer, cfg.train_on_prompt)
+    contrastive = is_pair(records[0][1])
+    mixed = next((where for where, r in records if is_pair(r) != contrastive), None)
+    if mixed:
+        raise MtnlgError(f"{mixed}: {PAIR_FORMAT} and generative examples in one file; train an embedder and a "
+                         "generator from separate files")
+    if contrastive:
+        rows = pair_rows(records, tokenizer, seq_len)
+    else:
+        if tokenizer.chat_template is None and any(uses_chat_template(r) for _, r in records):
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        rows = tokenize([segments(r, where, tokenizer) for where, r in records], tokenizer, cfg.train_on_prompt)
     held_out = min(max(1, round(cfg.val_fraction * len(rows))), len(rows) - 1) if cfg.val_fraction else 0
     order = np.random.default_rng([seed, len(rows)]).permutation(len(rows))
     val = sorted(order[:held_out])
     train = sorted(order[held_out:])
-    val_rows = Examples([rows[i] for i in val], seq_len, seed, cfg.packing) if held_out else None
-    return Examples([rows[i] for i in train], seq_len, seed, cfg.packing), val_rows
+    packing = cfg.packing and not contrastive
+    val_rows = Examples([rows[i] for i in val], seq_len, seed, packing, contrastive) if held_out else None
+    return Examples([rows[i] for i in train], seq_len, seed, packing, contrastive), val_rows

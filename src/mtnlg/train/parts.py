@@ -20,6 +20,7 @@ from mtnlg.config import Config, LoraConfig
 from mtnlg.data.batch import Batch
 from mtnlg.errors import MtnlgError
 from mtnlg.eval.scoring import token_scores
+from mtnlg.finetune.contrastive import LanguageModeling, Objective
 from mtnlg.hardware import Precision
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import whole
@@ -30,7 +31,6 @@ from mtnlg.parallel.parallelize import (
     clip_grad_norm_,
     loss_context,
     materialize,
-    parallel_loss,
     parallelize,
 )
 from mtnlg.parallel.pipeline import Pipeline
@@ -53,15 +53,20 @@ class Schedule(Protocol):
 
 class WholeModel:
     """The schedule without pipeline stages: the whole model (alone, or tensor/data parallel) runs a rank's
-    rows in micro-batches of train.micro_batch_size whose gradients synchronise once, after the last."""
+    rows in micro-batches of train.micro_batch_size whose gradients synchronise once, after the last. The
+    `objective` turns a micro-batch's output into its loss: next-token, or contrastive over its pairs."""
 
     def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
                  precision: Precision, initial: Initial | None, micro_batch_size: int, compiled: bool = False,
-                 lora: LoraConfig | None = None):
+                 lora: LoraConfig | None = None, objective: Objective = LanguageModeling()):
         self.model = materialize(parallelize(model, dims, mesh, precision, lora), device, initial)
         self.modules = [self.model]
         self.micro_batch_size = self.eval_rows = micro_batch_size
         self.forward = torch.compile(self.model) if compiled else self.model
+        self.objective = objective
+
+    def _output(self, micro: Batch) -> torch.Tensor:
+        return self.forward(micro.inputs, hidden=self.objective.hidden, **micro.model_inputs())
 
     def step(self, batch: Batch, denominator: float) -> torch.Tensor:
         """Forward and backward; returns the rows' summed loss over `denominator`."""
@@ -70,9 +75,9 @@ class WholeModel:
         for i, micro in enumerate(micro_batches):
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP, replicas
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            logits = self.forward(micro.inputs, **micro.model_inputs())
-            with loss_context(logits):
-                loss = parallel_loss(logits, micro.targets, denominator)
+            out = self._output(micro)
+            with loss_context(out):
+                loss = self.objective.loss(out, micro, denominator)
                 loss.backward()
             total += whole(loss).detach()
         return total
@@ -80,10 +85,8 @@ class WholeModel:
     @torch.no_grad()
     def evaluate(self, batch: Batch, denominator: float) -> torch.Tensor:
         """`step`'s loss, forward only, in the micro-batches training uses."""
-        return sum(
-            whole(parallel_loss(self.forward(micro.inputs, **micro.model_inputs()), micro.targets, denominator))
-            for micro in batch.split(self.micro_batch_size)
-        )
+        return sum(whole(self.objective.loss(self._output(micro), micro, denominator))
+                   for micro in batch.split(self.micro_batch_size))
 
     @torch.no_grad()
     def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,16 +99,19 @@ class WholeModel:
 class ModelParts:
     """This rank's model parts and their optimizers under the run's layout and precision. `initial`: where
     each parameter's first value comes from (`mtnlg.parallel.parallelize.Initial`); None: memory only, for
-    a checkpoint to fill (resume). With config.lora.r > 0 the parts carry LoRA adapters and only they train."""
+    a checkpoint to fill (resume). With config.lora.r > 0 the parts carry LoRA adapters and only they train.
+    The `objective` is next-token prediction, or (whole model only) contrastive pairs."""
 
-    def __init__(self, config: Config, dist: Distributed, precision: Precision, initial: Initial | None):
+    def __init__(self, config: Config, dist: Distributed, precision: Precision, initial: Initial | None,
+                 objective: Objective = LanguageModeling()):
         tc, dims = config.train, dist.dims
         with torch.device("meta"):
             model = GPT(config.model)
         args = (model, dims, dist.mesh, dist.device, precision, initial)
         self.schedule: Schedule = (
             Pipeline(*args, micro_batch_size=tc.micro_batch_size, lora=config.lora) if dims.pp > 1
-            else WholeModel(*args, micro_batch_size=tc.micro_batch_size, compiled=tc.compile, lora=config.lora)
+            else WholeModel(*args, micro_batch_size=tc.micro_batch_size, compiled=tc.compile, lora=config.lora,
+                            objective=objective)
         )
         self.modules = self.schedule.modules
         if not all(any(p.requires_grad for p in m.parameters()) for m in self.modules):

@@ -32,6 +32,7 @@ from mtnlg.errors import MtnlgError
 from mtnlg.eval.harness import Options, plan, run
 from mtnlg.eval.scoring import RowScorer
 from mtnlg.eval.tasks import Task, load_task
+from mtnlg.finetune.contrastive import Contrastive, LanguageModeling, Objective
 from mtnlg.finetune.data import examples
 from mtnlg.finetune.lora import with_new_adapters
 from mtnlg.hardware import Precision, keep_freed_memory
@@ -98,14 +99,18 @@ class Trainer:
             )
         self.eval_tasks, self.eval_options = _eval_tasks(config)
         self.eval_plan = plan(self.eval_tasks, self.tokenizer, seq_len, self.eval_options)  # checked before step 1
+        self.objective: Objective = LanguageModeling()
         if config.finetune.data:
             self.train_data, self.val_data = examples(config.finetune, self.tokenizer, seq_len, tc.seed)
+            if self.train_data.contrastive:
+                self._check_contrastive()
+                self.objective = Contrastive(config.finetune.temperature)
         else:
             self.train_data = build_dataset(tc.data, "train", seq_len, tc.seed)
             self.val_data = build_dataset(tc.data, "val", seq_len, tc.seed) if self._has_val_split() else None
 
         torch.manual_seed(tc.seed)  # dropout; the weights are drawn per (seed, parameter name)
-        self.parts = ModelParts(config, self.dist, self.precision, self._first_weights(resume_from))
+        self.parts = ModelParts(config, self.dist, self.precision, self._first_weights(resume_from), self.objective)
         self.loader = BatchLoader(self.train_data, **self._batch_shape())
         self.step = 0
         if resume_from is not None:
@@ -123,6 +128,13 @@ class Trainer:
             return None
         first = base_weights(self.base) if self.base is not None else new_weights(tc.seed)
         return with_new_adapters(first, tc.seed) if lora.r else first
+
+    def _check_contrastive(self) -> None:
+        """Pairs are pooled over whole sequences, which tensor and pipeline parallelism cut apart."""
+        if self.dims.tp > 1 or self.dims.pp > 1:
+            raise MtnlgError("contrastive pairs train with data parallelism only; set --parallel.tp 1 --parallel.pp 1")
+        if self.eval_tasks:
+            raise MtnlgError("eval.tasks score a language model, not an embedder; drop [eval] tasks for contrastive pairs")
 
     def _tokenizer_path(self) -> Path:
         tc = self.config.train
@@ -202,9 +214,11 @@ class Trainer:
                 if tc.eval_interval and (self.step % tc.eval_interval == 0 or self.step == tc.max_steps):
                     if self.val_data is not None:
                         val_loss = self.evaluate()
-                        if metrics:
-                            metrics.log(self.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-                            bar.write(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                        if metrics:  # a contrastive loss has no perplexity
+                            ppl = {} if isinstance(self.objective, Contrastive) else {"val_ppl": math.exp(min(val_loss, 50))}
+                            metrics.log(self.step, val_loss=val_loss, **ppl)
+                            bar.write(f"step {self.step}: validation loss {val_loss:.4f}"
+                                      + "".join(f", perplexity {v:.2f}" for v in ppl.values()))
                     if self.eval_tasks:
                         scores = self.evaluate_tasks()
                         if metrics:
@@ -254,8 +268,8 @@ class Trainer:
 
     def _denominator(self, *batches: Batch) -> float:
         """What each data-parallel rank divides its summed loss by, so that their mean (the gradient sync's) is
-        the loss per counted target of the whole batch (or batches)."""
-        return max(sum(b.loss_tokens for b in batches), 1) / self.dims.dp_size
+        the loss per counted target (or pair) of the whole batch (or batches)."""
+        return max(sum(self.objective.count(b) for b in batches), 1) / self.dims.dp_size
 
     @torch.no_grad()
     def evaluate_tasks(self) -> dict[str, float]:
