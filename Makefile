@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo demo-instruct test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -16,6 +16,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	.venv/bin/mtnlg demo
+
+demo-instruct: $(STAMP)
+	.venv/bin/mtnlg demo --instruct
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -503,9 +503,14 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from mtnlg.demo import run_demo
+    if args.instruct:
+        from mtnlg.demo_instruct import run_instruct_demo
 
-    run_demo(Path(args.out), args.overrides)
+        run_instruct_demo(Path(args.out), args.overrides)
+    else:
+        from mtnlg.demo import run_demo
+
+        run_demo(Path(args.out), args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -705,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="build the embedded corpus, train the demo model, plot, generate")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--instruct", action="store_true",
+                   help="then fine-tune it to answer questions about the library, and score base against tuned")
     p.set_defaults(handler=cmd_demo)
     return parser
 
