@@ -93,6 +93,10 @@ def test_pair_mistakes_are_one_line_errors(tiny_bases, tmp_path, capsys):
     task.write_text(json.dumps({"context": "the model", "continuation": " learns"}) + "\n")
     assert_user_error(capsys, "eval.tasks score a language model", "finetune", base, "--data", good, *out,
                       "--eval.tasks", task)
+    assert_user_error(capsys, "need train.micro_batch_size 2 or more", "finetune", base, "--data", good, *out,
+                      "--train.micro_batch_size", "1", "--finetune.val_fraction", "0")
+    assert_user_error(capsys, "val_fraction holds out 1, train.micro_batch_size is 8", "finetune", base, "--data", good,
+                      *out, "--train.micro_batch_size", "8", "--train.global_batch_size", "8")
     assert_user_error(capsys, "finetune.temperature must be > 0", "finetune", base, "--data", good, *out,
                       "--finetune.temperature", "0")
     assert not (tmp_path / "run").exists()

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import WORDS, synthetic_documents
+from test_cli import assert_user_error, run
 
 import mtnlg
-from mtnlg.cli import main
 from mtnlg.defaults import RERANK_WEIGHT
 from mtnlg.inference.embed import embed
 from mtnlg.search import (
-    COSINE_TEMPERATURE, RERANK_PROMPT, Index, build_index, evaluate_retrieval, read_passages, rerank_prompt, retrieve,
+    COSINE_TEMPERATURE, RERANK_PROMPT, Index, _shared_prefix, build_index, evaluate_retrieval, read_passages,
+    rerank_prompt, retrieve,
 )
 
 CHUNK = 48
@@ -52,19 +53,6 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def index(checkpoint, files, tmp_path_factory):
     return build_index(checkpoint, files, tmp_path_factory.mktemp("out") / "index", chunk_tokens=CHUNK, dtype="fp32")
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(capsys, pattern, *args):
-    code, _, err = run(capsys, *args)
-    lines = err.strip().splitlines()
-    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"mtnlg {args[0]}: error: ") and pattern in lines[0], lines[0]
 
 
 def test_the_index_holds_every_passage_once_with_a_unit_vector(index, files, lm, checkpoint):
@@ -135,6 +123,9 @@ def test_rerank_adds_the_querys_log_likelihood_to_the_cosine(index, lm):
     assert [h.row for h in by_cosine] == [h.row for h in cosine]
     by_loglik = retrieve(index, lm, [query], k=8, rerank=True, rerank_top=8, rerank_weight=1e6)[0]
     assert [h.row for h in by_loglik] == [h.row for h in sorted(reranked, key=lambda h: -h.loglik)]
+
+    assert _shared_prefix([5, 6, 7, 8], [5, 6, 7]) == 3  # the query's tokens start after the prompt's
+    assert _shared_prefix([5, 6, 9, 8], [5, 6, 7]) == 2  # or at the one its closing quote merged into
 
     prompt = rerank_prompt(lm.tokenizer, LONG, query, 80)  # the passage is cut from the right to fit
     assert prompt.endswith('" is a good search result for "') and len(lm.tokenizer.encode(prompt + query + '"')) <= 80

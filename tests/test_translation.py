@@ -116,14 +116,22 @@ def test_coverage_report_advises_a_tokenizer_for_poorly_covered_scripts():
     assert "English (Latin) is poorly covered" not in report
 
 
-def test_a_translation_record_without_a_target_is_a_one_line_error(base, tmp_path, capsys):
+@pytest.mark.parametrize("bad, message", [
+    ({"src": "the model", "src_lang": "English", "tgt_lang": "Vorlish"}, 'needs a string "tgt"'),
+    ({"src": "the model\nlearns", "tgt": "x", "src_lang": "English", "tgt_lang": "Vorlish"}, '"src" and "tgt" must be one line'),
+])
+def test_a_bad_translation_record_is_a_one_line_error(base, tmp_path, capsys, bad, message):
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps(record(["the", "model"], lexicon())) + "\n"
-                    + json.dumps({"src": "the model", "src_lang": "English", "tgt_lang": "Vorlish"}) + "\n")
+    data.write_text(json.dumps(record(["the", "model"], lexicon())) + "\n" + json.dumps(bad) + "\n")
     assert main(["finetune", str(base), "--data", str(data), f"--train.out_dir={tmp_path / 'run'}"]) == 1
     assert main(["eval", str(base), "--tasks", str(data)]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 2 and "Traceback" not in err
-    finetune, evaluate = err.splitlines()
-    assert f"{data}:2: 'tgt' must be a string" in finetune
-    assert f'{data}:2: needs a string "tgt"; fix the line' in evaluate
+    for line in err.splitlines():  # finetune's, then eval's
+        assert f"{data}:2: {message}" in line and line.endswith("; fix the line")
+
+
+def test_src_without_a_target_language_is_not_a_translation(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "the model learns", "src": "wiki"}) + "\n")
+    assert load_task(str(path)).kind == "loglikelihood_rolling"

@@ -77,7 +77,7 @@ def _fit(config, resume: bool | str) -> int:
         cut += f", {data.dropped} of them dropped with no response left" if data.dropped else ""
         say(f"fine-tuning on {len(data.examples)} examples ({len(val.examples) if val else 0} held out for "
             f"validation{cut})", flush=True)
-        languages = translation_texts(record for _, record in read_records(Path(config.finetune.data)))
+        languages = trainer.dist.is_main and translation_texts(r for _, r in read_records(Path(config.finetune.data)))
         if languages:
             say(f"the tokenizer on each language:\n{coverage_report(trainer.tokenizer, languages)}", flush=True)
     size = human(checkpoint_bytes(config.model, config.train.consolidate == "every", config.lora), "B")
@@ -545,10 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_train)
 
-    p = verbs.add_parser("finetune", help="supervised fine-tuning (full or LoRA) of a checkpoint on instruction, chat or "
-                         "prompt/completion examples; --section.key value overrides")
+    p = verbs.add_parser("finetune", help="supervised fine-tuning (full or LoRA) of a checkpoint on instruction, chat, "
+                         "prompt/completion or translation examples, or of an embedder on query/passage pairs; "
+                         "--section.key value overrides")
     p.add_argument("base", metavar="BASE", help="the model to start from: a run, checkpoint or imported model")
-    p.add_argument("--data", required=True, help="a .jsonl (or .json) file of Alpaca, chat or prompt/completion records")
+    p.add_argument("--data", required=True, help="a .jsonl (or .json) file of Alpaca, chat, prompt/completion or translation "
+                   "records, or of {query, passage} pairs (docs/finetuning.md)")
     p.add_argument("--config", help="a TOML file of settings (e.g. [lora] r = 8); overrides win over it")
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                    help="continue the run's latest checkpoint (auto: if there is one)")

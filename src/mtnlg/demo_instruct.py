@@ -28,7 +28,7 @@ from mtnlg.data.corpus import api_docs
 from mtnlg.demo import Steps, pretrain
 from mtnlg.eval.harness import Options, TaskResult, evaluate
 from mtnlg.eval.scoring import ModelScorer
-from mtnlg.eval.tasks import load_task
+from mtnlg.eval.tasks import Task, load_task
 from mtnlg.files import write_text_atomic
 from mtnlg.finetune.config import finetune_config
 from mtnlg.tokenizer import Tokenizer
@@ -76,8 +76,8 @@ def instruct(base: Path, folder: Path, overrides: list[str],
     config = finetune_config(str(base), str(folder / "train.jsonl"), None,
                              [*TUNING, f"--train.out_dir={folder / 'run'}", *overrides])
     files = write_instruct_data(folder, tokenizer, config.model.max_seq_len)
-    step(f"instruction pairs from the corpus's docstrings -> {files['train']} (held out: the functions of every "
-         f"{HELD_OUT}th docstring; {', '.join(str(files[t]) for t in TASKS)} score them)")
+    step(f"instruction pairs from the corpus's docstrings -> {files['train']} (held out: the functions of one "
+         f"docstring in {HELD_OUT}; {', '.join(str(files[t]) for t in TASKS)} score them)")
     trainer = Trainer(config, resume="auto")
     start = f"resuming from step {trainer.step}" if trainer.resumed_from else f"{len(trainer.train_data.examples)} examples"
     step(f"fine-tuning {base} on them ({start}) -> {config.train.out_dir}")
@@ -184,7 +184,7 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def _answer(checkpoint: Path, tasks: list) -> list[TaskResult]:
+def _answer(checkpoint: Path, tasks: list[Task]) -> list[TaskResult]:
     lm = mtnlg.load(checkpoint)
     options = Options(max_gen_tokens=ANSWER_TOKENS, progress=False)
     return evaluate(ModelScorer(lm.model, lm.tokenizer), lm.tokenizer, tasks, options)

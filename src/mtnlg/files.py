@@ -1,10 +1,14 @@
-"""Writing a file so that no reader ever sees half of it: write beside it, then rename over it."""
+"""Writing a file so that no reader ever sees half of it (write beside it, then rename over it), and reading
+JSONL so that a bad line is named."""
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from mtnlg.errors import MtnlgError
 
 
 @contextlib.contextmanager
@@ -25,3 +29,17 @@ def write_text_atomic(path: Path, text: str) -> Path:
     with atomic_file(path) as f:
         f.write(text.encode("utf-8"))
     return path
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file; a line that is not UTF-8 JSON is an error
+    naming file:line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+            except ValueError as e:  # UnicodeDecodeError included
+                raise MtnlgError(f"{path}:{number}: invalid JSON ({e}); fix the line (UTF-8 JSON, one per line)") from None
+            yield number, value

@@ -5,8 +5,8 @@ the query after the passage: SGPT's cross-encoder (Muennighoff 2022), which need
 The rerank adds its evidence to the cosine's rather than replacing it: a hit's score is its cosine over
 COSINE_TEMPERATURE (the logit a contrastive embedder is trained to rank by) plus `rerank_weight` times the
 query's mean log-probability per token after the passage. A small model's log-likelihood alone ranks worse
-than a tuned embedder's cosine (on the demo model: recall@5 0.25 against 0.41); the sum keeps the cosine's
-order where the model is unsure, and a large weight gives the log-likelihood's order.
+than a tuned embedder's cosine (on the demo model, recall@5 0.19-0.33 against 0.41: docs/applications.md);
+the sum keeps the cosine's order where the model is unsure, and a large weight gives the log-likelihood's.
 
 An index is a folder: vectors.npy (float32 [n, d], L2-normalized, so a dot product is the cosine),
 passages.jsonl (the passage of each row) and index.json (the checkpoint and how the vectors were made).
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mtnlg.defaults import BATCH_SIZE, CHUNK_TOKENS, RERANK_TOP, RERANK_WEIGHT
 from mtnlg.errors import MtnlgError
+from mtnlg.files import jsonl_lines
 from mtnlg.inference.embed import embed
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from mtnlg.tokenizer import Tokenizer
 
 INDEX_FILE, VECTORS_FILE, PASSAGES_FILE = "index.json", "vectors.npy", "passages.jsonl"
+INDEX_FILES = {INDEX_FILE, VECTORS_FILE, PASSAGES_FILE}  # an index folder holds these and nothing else
+INFO_KEYS = {"checkpoint", "pooling", "dimension", "count", "chunk_tokens", "dtype"}  # what index.json holds
 COSINE_TEMPERATURE = 0.05  # cosine similarities are divided by it in the rerank score: finetune.temperature's default
 RERANK_PROMPT = ('Documents are searched to find matches with the same content.\n'
                  'The document "{}" is a good search result for "')  # then the query and '"'
@@ -84,19 +87,12 @@ def _txt_passages(path: Path) -> Iterator[Passage]:
 
 
 def _jsonl_passages(path: Path, key: str) -> Iterator[Passage]:
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)  # bytes: bad UTF-8 raises here too
-            except ValueError as e:
-                raise MtnlgError(f"{path}:{number}: invalid JSON ({e}); fix the line") from None
-            text = record.get(key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise MtnlgError(f"{path}:{number}: no string field {key!r}; fix the line or pass --json-key")
-            if text.strip():
-                yield Passage(text, str(path), number, metadata={k: v for k, v in record.items() if k != key})
+    for number, record in jsonl_lines(path):
+        text = record.get(key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise MtnlgError(f"{path}:{number}: no string field {key!r}; fix the line or pass --json-key")
+        if text.strip():
+            yield Passage(text, str(path), number, metadata={k: v for k, v in record.items() if k != key})
 
 
 def chunk_passages(passages: Sequence[Passage], tokenizer: Tokenizer,
@@ -137,7 +133,7 @@ def build_index(checkpoint: str | Path, files: Sequence[str | Path], output: str
     from mtnlg.checkpoint import atomic_directory, resolve_checkpoint
 
     output = Path(output)
-    if output.exists() and not (output / INDEX_FILE).is_file() and not (output.is_dir() and not any(output.iterdir())):
+    if output.exists() and not (output.is_dir() and {p.name for p in output.iterdir()} <= INDEX_FILES):
         raise MtnlgError(f"{output} exists and is not a search index; pass a new --output folder or remove it")
     passages = read_passages(files, json_key)
     if not passages:
@@ -184,7 +180,7 @@ class Index:
         except (OSError, ValueError, TypeError) as e:
             raise MtnlgError(f"{directory}: the search index is unreadable ({e}); build it again with mtnlg "
                              "embed") from None
-        if not isinstance(info, dict) or vectors.shape != (len(passages), info.get("dimension")):
+        if not (isinstance(info, dict) and INFO_KEYS <= info.keys()) or vectors.shape != (len(passages), info["dimension"]):
             raise MtnlgError(f"{directory}: {VECTORS_FILE} does not match {PASSAGES_FILE} and {INDEX_FILE}; build the "
                              "index again with mtnlg embed")
         return cls(directory, vectors, passages, info)
@@ -262,9 +258,16 @@ def rerank_hits(lm: LanguageModel, query: str, hits: Sequence[Hit], weight: floa
     context = lm.model.cfg.max_seq_len
     prompts = [rerank_prompt(lm.tokenizer, hit.passage.text, query, context) for hit in hits]
     scored = lm.score([prompt + query + '"' for prompt in prompts], batch_size)
-    logliks = [np.mean(s.logprobs[len(lm.tokenizer.encode(prompt)):]) for s, prompt in zip(scored, prompts)]
+    logliks = [np.mean(s.logprobs[_shared_prefix(s.token_ids, lm.tokenizer.encode(prompt)):])
+               for s, prompt in zip(scored, prompts)]
     reranked = [Hit(h.row, h.score, h.passage, float(ll)) for ll, h in zip(logliks, hits)]
     return sorted(reranked, key=lambda h: -(h.score / COSINE_TEMPERATURE + weight * h.loglik))
+
+
+def _shared_prefix(tokens: Sequence[int], prompt: Sequence[int]) -> int:
+    """Where the query's tokens begin: after the prompt's, or at the token where the prompt's closing quote
+    merged with a query that starts with punctuation (so at least one token is always scored)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, prompt)) if a != b), len(prompt))
 
 
 def rerank_prompt(tokenizer: Tokenizer, passage: str, query: str, context: int) -> str:
@@ -287,17 +290,10 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise MtnlgError(f'{path}: no such file; pass a .jsonl file of {{"query": ..., "passage": ...}} lines')
     pairs = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise MtnlgError(f"{path}:{number}: invalid JSON ({e}); fix the line") from None
-            if not (isinstance(record, dict) and all(isinstance(record.get(key), str) for key in ("query", "passage"))):
-                raise MtnlgError(f'{path}:{number}: expected {{"query": "...", "passage": "..."}}; fix the line')
-            pairs.append((record["query"], record["passage"]))
+    for number, record in jsonl_lines(path):
+        if not (isinstance(record, dict) and all(isinstance(record.get(key), str) for key in ("query", "passage"))):
+            raise MtnlgError(f'{path}:{number}: expected {{"query": "...", "passage": "..."}}; fix the line')
+        pairs.append((record["query"], record["passage"]))
     if not pairs:
         raise MtnlgError(f'{path} holds no queries; add {{"query": ..., "passage": ...}} lines')
     return pairs

@@ -9,12 +9,16 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mtnlg.errors import MtnlgError
 from mtnlg.files import write_text_atomic
+
+if TYPE_CHECKING:
+    import jinja2
 
 EOD = "<|endoftext|>"
 FOREIGN_EODS = ("</s>", "<|end_of_text|>")  # end tokens of imported tokenizers that play EOD's part
@@ -155,7 +159,7 @@ def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(template: str):
+def _compiled(template: str) -> "jinja2.Template":
     """A chat template compiled once (compiling costs a hundred times a render), in a sandbox as transformers
     renders it."""
     from jinja2 import TemplateError
@@ -188,12 +192,12 @@ class Coverage:
 
     language: str
     script: str  # the Unicode script of most of its letters: "Latin", "CJK", "Cyrillic", ...
-    bytes: int  # UTF-8
+    utf8_bytes: int
     tokens: int
 
     @property
     def bytes_per_token(self) -> float:
-        return self.bytes / self.tokens
+        return self.utf8_bytes / self.tokens
 
 
 def coverage(tokenizer: Tokenizer, texts_by_language: dict[str, list[str]]) -> list[Coverage]:

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
 from mtnlg.defaults import MAX_GEN_TOKENS
@@ -218,6 +217,8 @@ def _corpus_score(metric: str, predictions: list[str], answers: list[list[str]])
     """sacrebleu's corpus chrF or BLEU of the stripped predictions; every answer of a document is a reference
     (a document with fewer answers than another has None in the streams it lacks, as sacrebleu expects)."""
     streams = [[a[i].strip() if i < len(a) else None for a in answers] for i in range(max(map(len, answers)))]
+    from sacrebleu.metrics import BLEU, CHRF  # here: training imports this module, and needs no sacrebleu
+
     return (CHRF() if metric == "chrf" else BLEU()).corpus_score([p.strip() for p in predictions], streams).score
 
 

@@ -82,6 +82,21 @@ class Task:
         return [(prompts[0], self.target_delimiter + e) for e in endings]
 
 
+def is_translation(record: Any) -> bool:
+    """A translation record names its target language; "src" alone may be a document's metadata."""
+    return isinstance(record, dict) and "src" in record and "tgt_lang" in record
+
+
+def check_translation(record: dict[str, Any]) -> None:
+    """ValueError naming what is wrong with a translation record: its four fields are strings, and source and
+    target are one line each (generation stops at a newline)."""
+    for name in TRANSLATION_FIELDS:
+        if not isinstance(record.get(name), str):
+            raise ValueError(f'needs a string "{name}"')
+    if "\n" in record["src"] + record["tgt"]:
+        raise ValueError('"src" and "tgt" must be one line each (a translation ends at a newline)')
+
+
 def translation_prompt(record: dict[str, Any]) -> str:
     """The prompt of a translation record, the same in fine-tuning and evaluation; the target follows it after
     a space, on one line."""
@@ -154,7 +169,7 @@ def _kind_of(record: dict) -> str | None:
         return "multiple_choice"
     if "continuation" in record:
         return "loglikelihood"
-    if "answers" in record or "answer" in record or "src" in record:
+    if "answers" in record or "answer" in record or is_translation(record):
         return "generate_until"
     return "loglikelihood_rolling" if "text" in record else None
 
@@ -182,9 +197,8 @@ def _normalized(kind: str, r: dict) -> dict:
         return {**doc, "gold": gold}
     if kind == "loglikelihood":
         return {"context": r.get("context", ""), "continuation": text("continuation")}
-    if kind == "generate_until" and "src" in r:
-        for name in TRANSLATION_FIELDS:
-            text(name)
+    if kind == "generate_until" and is_translation(r):
+        check_translation(r)
         return {"context": translation_prompt(r), "answers": [r["tgt"]], "until": ["\n"]}
     if kind == "generate_until":
         answers = texts("answers") if "answers" in r else [text("answer")]

@@ -31,7 +31,8 @@ import numpy as np
 from mtnlg.config import FinetuneConfig
 from mtnlg.data.batch import Row
 from mtnlg.errors import MtnlgError
-from mtnlg.eval.tasks import TRANSLATION_FIELDS, translation_prompt
+from mtnlg.files import jsonl_lines
+from mtnlg.eval.tasks import check_translation, is_translation, translation_prompt
 from mtnlg.finetune.contrastive import PAIR_FORMAT, is_pair, pair_rows
 from mtnlg.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
@@ -55,14 +56,7 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise MtnlgError(f"{path}: a .json data file holds one array of records; got {type(items).__name__}")
         yield from ((f"{path} item {i}", item) for i, item in enumerate(items, 1))
         return
-    with path.open("rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line.decode("utf-8"))
-            except ValueError as e:  # UnicodeDecodeError included
-                raise MtnlgError(f"{path}:{number}: invalid JSON ({e}); fix the line (UTF-8 JSON, one per line)") from None
+    yield from ((f"{path}:{number}", record) for number, record in jsonl_lines(path))
 
 
 def segments(record: Any, where: str, tokenizer: Tokenizer) -> Segments:
@@ -77,8 +71,11 @@ def segments(record: Any, where: str, tokenizer: Tokenizer) -> Segments:
     if isinstance(record, dict) and "prompt" in record:
         _check_strings(record, ("prompt", "completion"), where)
         return [(record["prompt"], False), (record["completion"], True)]
-    if isinstance(record, dict) and "src" in record:
-        _check_strings(record, TRANSLATION_FIELDS, where)
+    if is_translation(record):
+        try:
+            check_translation(record)
+        except ValueError as e:
+            raise MtnlgError(f"{where}: {e}; fix the line") from None
         return [(translation_prompt(record), False), (" " + record["tgt"], True)]
     raise MtnlgError(f"{where}: not a fine-tuning example; expected {FORMATS}")
 
@@ -123,7 +120,7 @@ def translation_texts(records: Iterable[Any]) -> dict[str, list[str]]:
     target under its tgt_lang): what `mtnlg.tokenizer.coverage_report` reads. Empty when there are none."""
     texts: dict[str, list[str]] = {}
     for record in records:
-        if isinstance(record, dict) and "src" in record:
+        if is_translation(record):
             for side in ("src", "tgt"):
                 text, language = record.get(side), record.get(f"{side}_lang")
                 if isinstance(text, str) and isinstance(language, str):

@@ -130,11 +130,20 @@ class Trainer:
         return with_new_adapters(first, tc.seed) if lora.r else first
 
     def _check_contrastive(self) -> None:
-        """Pairs are pooled over whole sequences, which tensor and pipeline parallelism cut apart."""
+        """Pairs are pooled over whole sequences, which tensor and pipeline parallelism cut apart, and each query
+        is told from the other passages of its micro-batch, which must hold distinct pairs."""
+        rows = self.config.train.micro_batch_size
         if self.dims.tp > 1 or self.dims.pp > 1:
             raise MtnlgError("contrastive pairs train with data parallelism only; set --parallel.tp 1 --parallel.pp 1")
         if self.eval_tasks:
             raise MtnlgError("eval.tasks score a language model, not an embedder; drop [eval] tasks for contrastive pairs")
+        if rows < 2:
+            raise MtnlgError("contrastive pairs need train.micro_batch_size 2 or more: a query learns against the other "
+                             "passages of its micro-batch")
+        if self.val_data is not None and len(self.val_data.examples) < rows:
+            raise MtnlgError("contrastive validation needs a micro-batch of distinct pairs: finetune.val_fraction holds "
+                             f"out {len(self.val_data.examples)}, train.micro_batch_size is {rows}; hold out more or "
+                             "set --finetune.val_fraction 0")
 
     def _tokenizer_path(self) -> Path:
         tc = self.config.train
