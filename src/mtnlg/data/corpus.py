@@ -1,6 +1,7 @@
 """The default corpus: English text from the running Python's own documentation, so training works offline."""
 
 import contextlib
+import functools
 import importlib
 import inspect
 import io
@@ -9,7 +10,6 @@ import json
 import pkgutil
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydoc_data.topics
@@ -63,13 +63,14 @@ def _modules(name: str):
             yield from _modules(f"{name}.{info.name}")
 
 
-def api_docs() -> Iterator[tuple[str, str, str]]:
+@functools.cache
+def api_docs() -> tuple[tuple[str, str, str], ...]:
     """(module, name, docstring) of every importable public stdlib module (name "") and of its public
-    classes, functions and methods, module by module in sorted order."""
-    for top in sorted(sys.stdlib_module_names):
-        if not top.startswith("_") and top not in _SKIP:
-            for module in _modules(top):
-                yield from ((module.__name__, name, doc) for name, doc in _docstrings(module))
+    classes, functions and methods, module by module in sorted order. Read once per process: importing a
+    submodule can replace its package's function of the same name (curses.has_key), so a second walk differs."""
+    return tuple((module.__name__, name, doc)
+                 for top in sorted(sys.stdlib_module_names) if not top.startswith("_") and top not in _SKIP
+                 for module in _modules(top) for name, doc in _docstrings(module))
 
 
 def build_default_corpus(path: str | Path) -> Path:
