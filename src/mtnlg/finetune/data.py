@@ -31,8 +31,8 @@ import numpy as np
 from mtnlg.config import FinetuneConfig
 from mtnlg.data.batch import Row
 from mtnlg.errors import MtnlgError
-from mtnlg.files import jsonl_lines
 from mtnlg.eval.tasks import check_translation, is_translation, translation_prompt
+from mtnlg.files import jsonl_lines
 from mtnlg.finetune.contrastive import PAIR_FORMAT, is_pair, pair_rows
 from mtnlg.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
