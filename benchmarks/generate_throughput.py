@@ -13,7 +13,8 @@ whatever the products lose to the work between them): the kernels' share and our
     python benchmarks/generate_throughput.py --device cuda --batches 1 8 64   # bf16 on a GPU (gpu_check.sh)
 
 It prints the CPU, its flags and the fast paths they allow first, and skips (saying why) a contestant this
-CPU cannot run: `mtnlg-bf16` needs bf16 instructions; without the packed path `mtnlg` is the plain model,
+CPU cannot run: `mtnlg-bf16` needs bf16 instructions, `mtnlg-int8` (FBGEMM's int8 products) x86 with AVX2;
+without the packed path `mtnlg` is the plain model,
 as `mtnlg.load` would give it. On CUDA both sides run in bf16 and the products-alone split is left out.
 """
 
@@ -52,10 +53,10 @@ def products(model: torch.nn.Module) -> list[PackedLinear]:
 def bytes_per_step(model: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every matrix product's weights (the tied LM head's included) and
     every other parameter except the two embedding tables, of which a step reads one row each."""
-    linears = products(model) + [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     tensors = {id(t): t for m in linears for t in (m.weight, m.bias) if t is not None}
     rest = [p for name, p in model.named_parameters() if id(p) not in tensors and not name.endswith("_emb.weight")]
-    return sum(t.numel() * t.element_size() for t in [*tensors.values(), *rest])
+    return sum(m.nbytes for m in products(model)) + sum(t.numel() * t.element_size() for t in [*tensors.values(), *rest])
 
 
 def products_alone_time(model: torch.nn.Module, cfg: ModelConfig, prompts: torch.Tensor) -> float:
@@ -112,6 +113,10 @@ def main() -> None:
             models["mtnlg-bf16"] = pack_for_cpu_inference(copy.deepcopy(plain), torch.bfloat16)
         else:
             print(f"skipping mtnlg-bf16: this CPU lacks {cpu.missing_bf16()}")
+        if cpu.int8:
+            models["mtnlg-int8"] = pack_for_cpu_inference(copy.deepcopy(plain), torch.int8)
+        else:
+            print("skipping mtnlg-int8: FBGEMM's int8 products need x86 with AVX2")
     step_bytes = {name: bytes_per_step(model) for name, model in models.items()}
     step_bytes["hf"] = step_bytes["mtnlg"]
     tokenizer = Tokenizer.train(["benchmark"], 300)

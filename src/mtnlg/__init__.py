@@ -64,7 +64,8 @@ def load(path: str | Path, device: str | torch.device | None = None, tp: int = 1
     dtype "bf16" keeps the matrix weights in bf16: a decode step reads half the bytes (about 1.6x as fast
     on CPU), and the numbers differ from fp32 at bf16's precision. "auto" (the default) takes bf16 where
     the device computes it natively and fp32 elsewhere (`mtnlg.hardware.Precision`); on CPU with
-    tp > 1 that is fp32, since the shards do not take the packed bf16 path.
+    tp > 1 that is fp32, since the shards do not take the packed bf16 path. "int8" (one process on an x86
+    CPU with AVX2) keeps them in int8, per output channel, for FBGEMM's products: a quarter of the bytes.
     """
     import torch
 

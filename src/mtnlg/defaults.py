@@ -14,6 +14,8 @@ TOKEN_BUDGET = 2048
 
 MAX_GEN_TOKENS = 256  # lm-eval's default for generate_until
 
+INFERENCE_DTYPES = ("auto", "fp32", "bf16", "int8")  # the weights `mtnlg.load` keeps (mtnlg.hardware)
+
 # Search (mtnlg.search): passages of about 100 words, as DPR's (capped by the model's context); the best 20
 # cosine hits reranked, the log-likelihood weighted as measured on the demo model (docs/applications.md).
 CHUNK_TOKENS = 128

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtnlg.defaults import INFERENCE_DTYPES
+
 # The flags that matter, in /proc/cpuinfo's spelling, grouped under the oneDNN ISA level that first allows
 # them: ONEDNN_MAX_CPU_ISA=LEVEL keeps the flags of LEVEL and of the levels before it.
 ISA_LEVELS = (
@@ -59,6 +61,13 @@ class CPU:
         """bf16 weights run as native bf16 products (through the packed path)."""
         return self.packed_linear and any(f in self.flags for f in BF16_FLAGS)
 
+    @property
+    def int8(self) -> bool:
+        """int8 weights run as FBGEMM's int8 products (activations quantized per product), which need x86
+        with AVX2; measured 5x the packed fp32 product for one row on Zen 4 (docs/benchmarks.md)."""
+        return (self.arch in ("x86_64", "AMD64") and "avx2" in self.flags
+                and "fbgemm" in torch.backends.quantized.supported_engines)
+
     def missing_bf16(self) -> str:
         """What a CPU without the bf16 path lacks, in words for an error message."""
         if not self.packed_linear:
@@ -67,7 +76,8 @@ class CPU:
 
     def describe(self) -> str:
         """Two lines for the top of a benchmark: the CPU and its flags, and the fast paths they allow."""
-        paths = [name for name, on in (("packed linear", self.packed_linear), ("bf16 weights", self.bf16)) if on]
+        paths = [name for name, on in (("packed linear", self.packed_linear), ("bf16 weights", self.bf16),
+                                       ("int8 weights", self.int8)) if on]
         cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
         return (f"CPU: {self.name} ({self.arch}), {os.cpu_count()} cores; flags: {' '.join(sorted(self.flags)) or 'none'}"
                 f"{f' (capped by ONEDNN_MAX_CPU_ISA={cap})' if cap else ''}\n"
@@ -142,14 +152,22 @@ def keep_freed_memory() -> bool:
 
 
 def inference_dtype(name: str, device: torch.device, packed: bool = True) -> torch.dtype:
-    """The dtype of inference weights. "auto" is bf16 where the device computes bf16 products natively
+    """The dtype of inference weights. "int8" (one CPU process with `CPU.int8`) quantizes the matrix weights
+    per output channel, everything else stays fp32; "auto" is bf16 where the device computes bf16 products natively
     (CUDA GPUs that support it; CPUs with bf16 instructions, on the packed path, which `packed=False`
     says is not taken: tensor-parallel shards) and fp32 elsewhere. "bf16" on a CPU without those
     instructions is refused in one line naming what is missing, rather than run on a slow or broken path."""
     from mtnlg.errors import MtnlgError
 
-    if name not in ("auto", "fp32", "bf16"):
-        raise MtnlgError(f"dtype {name!r} is not one of: auto, fp32, bf16")
+    if name not in INFERENCE_DTYPES:
+        raise MtnlgError(f"dtype {name!r} is not one of: {', '.join(INFERENCE_DTYPES)}")
+    if name == "int8":
+        cpu = this_cpu()
+        if not (device.type == "cpu" and cpu.int8 and packed):
+            where = ("a CPU" if device.type != "cpu" else "one process (tp 1)" if not packed
+                     else f"x86 with AVX2 and FBGEMM (this is {cpu.name}, {cpu.arch})")
+            raise MtnlgError(f"int8 weights run only on {where}; use --dtype fp32 or auto")
+        return torch.int8
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
     else:

@@ -5,11 +5,15 @@ CPU, PyTorch's default fp32 linear streams weights at about a third of memory ba
 few rows; oneDNN's linear on weights pre-packed for small batches streams them at close to it
 (docs/benchmarks.md). Projections that read the same input (q, k, v; SwiGLU's gate and up) are packed
 into one matrix: one large product streams faster than three small ones. Weights may be packed in bf16:
-half the bytes per step, so about twice the decode speed, at bf16's precision (activations stay fp32).
+half the bytes per step, so about twice the decode speed, at bf16's precision (activations stay fp32); or
+in int8, a quarter of the bytes, as FBGEMM's dynamically quantized product: weights symmetric per output
+channel, each product's input quantized on the fly, accumulated in int32, returned in fp32.
 Packing drops autograd, so it is for inference only; training never sees it.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -29,16 +33,32 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linears: list[nn.Linear], dtype: torch.dtype = torch.float32):
         super().__init__()
-        weight = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)
+        weight = torch.cat([lin.weight.detach() for lin in linears])
         biases = [lin.bias for lin in linears]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.dtype = dtype
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=PACK_FOR_ROWS)
-        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).to(dtype)
         self.sizes = [lin.out_features for lin in linears]
         self._input: torch.Tensor | None = None
         self._outputs: tuple[torch.Tensor, ...] = ()
+        if dtype == torch.int8:
+            self.int8 = int8_linear(weight, bias)
+            return
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch_size=PACK_FOR_ROWS)
+        self.bias = None if bias is None else bias.to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights a product reads: the matrix, the bias, and int8's scales."""
+        if self.dtype == torch.int8:
+            weight, bias = self.int8._weight_bias()
+            tensors = [weight.int_repr(), weight.q_per_channel_scales().float(), bias]
+        else:
+            tensors = [self.weight, self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.int8:
+            return self.int8(x.float()).to(x.dtype)
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
         return y.to(x.dtype)
 
@@ -60,15 +80,28 @@ class Slice(nn.Module):
         return self.packed[0].outputs(x)[self.index]
 
 
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """FBGEMM's dynamically quantized linear for an fp32 weight [out, in]: int8, symmetric per output channel
+    (scale = the row's largest magnitude / 127)."""
+    scales = weight.abs().amax(1).clamp_min(1e-12).double() / 127
+    zeros = torch.zeros_like(scales, dtype=torch.long)
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; their successor (PT2E's oneDNN
+        warnings.simplefilter("ignore", UserWarning)  # ops) has no dynamic product this fast yet (issue 15)
+        quantized = torch.quantize_per_channel(weight.float(), scales, zeros, 0, torch.qint8)
+        linear = torch.ao.nn.quantized.dynamic.Linear(weight.shape[1], weight.shape[0], dtype=torch.qint8)
+        linear.set_weight_bias(quantized, None if bias is None else bias.float())
+    return linear
+
+
 # Sibling linears that read the same input: packed together.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def pack_for_cpu_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Swap the fp32 CPU nn.Linear layers for oneDNN products on weights packed in `dtype` (in place), where
-    this CPU has the packed path (`mtnlg.hardware`); elsewhere the model stays as it is, in fp32. bf16 needs
-    `this_cpu().bf16` (`mtnlg.load` checks it)."""
-    if not this_cpu().packed_linear:
+    """Swap the fp32 CPU nn.Linear layers for oneDNN products on weights packed in `dtype` (in place), or for
+    FBGEMM's on int8 weights, where this CPU has that path (`mtnlg.hardware`); elsewhere the model stays as it
+    is, in fp32. bf16 needs `this_cpu().bf16`, int8 `this_cpu().int8` (`mtnlg.load` checks them)."""
+    if not (this_cpu().int8 if dtype == torch.int8 else this_cpu().packed_linear):
         return model
     for module in list(model.modules()):
         linears = {name: child for name, child in module.named_children() if _packable(child)}
