@@ -46,6 +46,7 @@ def test_info_mt_nlg_530b(capsys):
     assert code == 0
     assert "parameters     529,600,819,200 (529.60G" in out
     assert "18 bytes/parameter = 9.53TB" in out
+    assert "decode reads   2.12TB fp32, 1.06TB bf16, 529.53GB int8" in out
 
 
 def test_bad_inputs_get_one_line(capsys, tmp_path, tiny_data):

@@ -430,6 +430,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"               {cfg.norm}, {cfg.mlp}, {cfg.position} positions, {'tied' if cfg.tie_embeddings else 'untied'} head")
     print(f"parameters     {size.params:,} ({human(size.params)}; {human(size.params - size.embedding_params)} outside embeddings)")
     print(f"FLOPs/token    {human(size.flops_per_token)} forward+backward at sequence {seq} (6N + attention)")
+    reads = ", ".join(f"{human(size.matmul_params * nbytes, 'B')} {dtype}"
+                      for dtype, nbytes in (("fp32", 4), ("bf16", 2), ("int8", 1)))
+    print(f"decode reads   {reads}: the matrix weights, once per step whatever the batch (--dtype)")
     print(f"training state {sum(TRAINING_BYTES_PER_PARAM.values())} bytes/parameter = {human(size.training_bytes, 'B')} before activations")
     for what, nbytes in TRAINING_BYTES_PER_PARAM.items():
         print(f"  {what:<20} {nbytes:>2} B/param  {human(size.params * nbytes, 'B'):>10}")
