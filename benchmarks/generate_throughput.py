@@ -1,4 +1,5 @@
-"""Decode throughput: mtnlg's generate against Hugging Face `generate` on the GPT-2 124M shape.
+"""Decode throughput: mtnlg's generate against Hugging Face `generate` and, when installed (the `bench` extra),
+CTranslate2 in fp32 and int8, on the GPT-2 124M shape.
 
 Random weights (throughput does not depend on their values), greedy, KV cache on both sides, a 32-token
 prompt and 128 new tokens (end-of-text ignored, so every run is full length), batch 1 and batch 8,
@@ -23,9 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 import warnings
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -81,6 +84,31 @@ def timed(fn, device: torch.device = torch.device("cpu")) -> float:
     return time.perf_counter() - start
 
 
+def ctranslate2_generators(hf: torch.nn.Module, folder: Path, threads: int) -> dict:
+    """CTranslate2 generators of the HF model in fp32 and int8, converted with CTranslate2's own converter
+    (offline: a word-level vocabulary "t0".."t50256" stands in for GPT-2's, so token ids pass as strings);
+    empty, saying why, when ctranslate2 is not installed (`pip install -e .[bench]`)."""
+    try:
+        import ctranslate2
+    except ImportError:
+        print("skipping ct2-float32 and ct2-int8: ctranslate2 is not installed (pip install -e '.[bench]')")
+        return {}
+    from tokenizers import Tokenizer as WordTokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    hf.save_pretrained(folder / "hf")
+    words = WordTokenizer(models.WordLevel({f"t{i}": i for i in range(hf.config.vocab_size)}, unk_token="t0"))
+    vocabulary = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t50256", eos_token="t50256", unk_token="t0")
+    vocabulary.save_pretrained(folder / "hf")
+    generators = {}
+    for quantization in ("float32", "int8"):
+        out = folder / f"ct2-{quantization}"
+        ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(out), quantization=quantization)
+        generators[f"ct2-{quantization}"] = ctranslate2.Generator(str(out), device="cpu", compute_type=quantization,
+                                                                  intra_threads=threads)
+    return generators
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=32)
@@ -119,6 +147,9 @@ def main() -> None:
             print("skipping mtnlg-int8: FBGEMM's int8 products need x86 with AVX2")
     step_bytes = {name: bytes_per_step(model) for name, model in models.items()}
     step_bytes["hf"] = step_bytes["mtnlg"]
+    scratch = tempfile.TemporaryDirectory()
+    peers = ctranslate2_generators(hf, Path(scratch.name), args.threads) if device.type == "cpu" else {}
+    step_bytes.update({name: step_bytes["mtnlg"] // (4 if name.endswith("int8") else 1) for name in peers})
     tokenizer = Tokenizer.train(["benchmark"], 300)
     params = Sampling(temperature=0, max_new_tokens=args.new, ignore_eos=True)
     bandwidths = [measure_bandwidth(device)]
@@ -137,6 +168,12 @@ def main() -> None:
             for name, model in models.items()
         }
         prefill["hf"] = lambda: hf(prompts, use_cache=True, logits_to_keep=1)
+        words = [[f"t{i}" for i in row] for row in prompts.tolist()]
+        for name, peer in peers.items():  # its prefill: the prompt and one token
+            runs[name] = partial(peer.generate_batch, words, max_length=args.new, min_length=args.new, sampling_topk=1,
+                                 include_prompt_in_result=False)
+            prefill[name] = partial(peer.generate_batch, words, max_length=1, sampling_topk=1,
+                                    include_prompt_in_result=False)
         totals: dict[str, list[float]] = {name: [] for name in runs}
         prefills: dict[str, list[float]] = {name: [] for name in runs}
         packed = {name: model for name, model in models.items() if products(model)}
@@ -159,7 +196,7 @@ def main() -> None:
     bandwidth = max(bandwidths)
     print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (best of {len(bandwidths)} streaming reads, "
           f"{min(bandwidths) / 1e9:.1f} the worst)")
-    for name in models:
+    for name in [*models, *peers]:
         floor = step_bytes[name] / bandwidth
         print(f"{name:<10} reads {step_bytes[name] / 1e6:.0f} MB per step -> floor {floor * 1e3:.1f} ms/step = "
               f"{1 / floor:.1f} tokens/s at batch 1")
@@ -174,9 +211,11 @@ def main() -> None:
             alone_ms = products_time * 1e3
             print(f"{'':19}matrix products alone {alone_ms:5.1f} ms/step ({alone_ms / floor_ms:.2f}x the floor, "
                   f"the step {step_ms / alone_ms:.2f}x them), the rest of a step {step_ms - alone_ms:4.1f} ms")
-        if name == "hf":
+        if name == [*models, "hf", *peers][-1]:
+            pairs = [(ours, "hf") for ours in models] + [(ours, peer) for peer in peers for ours in models
+                                                          if ours.endswith("int8") == peer.endswith("int8")]
             print(f"batch {batch} ratio " + "; ".join(
-                f"{ours} / hf: {rate[batch, ours] / rate[batch, 'hf']:.2f}" for ours in models))
+                f"{ours} / {peer}: {rate[batch, ours] / rate[batch, peer]:.2f}" for ours, peer in pairs))
 
 
 if __name__ == "__main__":
