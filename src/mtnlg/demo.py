@@ -3,7 +3,6 @@ a loss curve, completions and an evaluation — in a few minutes on a laptop CPU
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -20,7 +19,7 @@ from mtnlg.eval.harness import Options, evaluate
 from mtnlg.eval.results import format_table
 from mtnlg.eval.scoring import ModelScorer
 from mtnlg.eval.tasks import load_task
-from mtnlg.files import write_text_atomic
+from mtnlg.files import write_jsonl_atomic
 from mtnlg.model.gpt import GPT
 from mtnlg.tokenizer import EOD, Tokenizer
 from mtnlg.train.metrics import plot_losses
@@ -133,7 +132,7 @@ def write_word_order_task(documents: list[str], path: Path, items: int = 200, co
             choices.insert(gold, " ".join(ending))
             rows.append({"context": context, "choices": choices, "gold": gold})
     rows = rng.sample(rows, min(items, len(rows)))
-    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return write_jsonl_atomic(path, rows)
 
 
 def evaluate_against_random_init(model: mtnlg.LanguageModel, task_path: Path) -> None:

@@ -15,11 +15,10 @@ embedder.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mtnlg
@@ -29,7 +28,7 @@ from mtnlg.demo import Steps, pretrain
 from mtnlg.eval.harness import Options, TaskResult, evaluate
 from mtnlg.eval.scoring import ModelScorer
 from mtnlg.eval.tasks import Task, load_task
-from mtnlg.files import write_text_atomic
+from mtnlg.files import write_jsonl_atomic
 from mtnlg.finetune.config import finetune_config
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.trainer import Trainer
@@ -119,12 +118,12 @@ def write_instruct_data(folder: Path, tokenizer: Tokenizer, max_len: int) -> dic
             passages.add(pair["passage"])
             search["search_heldout" if held_out else "search_train"].append(pair)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"train": _write_jsonl(folder / "train.jsonl", train)}
+    files = {"train": write_jsonl_atomic(folder / "train.jsonl", train)}
     for kind, docs in held.items():
-        files[kind] = _write_jsonl(folder / f"{kind}.jsonl", _spread(docs, QUESTIONS_PER_TASK))
+        files[kind] = write_jsonl_atomic(folder / f"{kind}.jsonl", _spread(docs, QUESTIONS_PER_TASK))
     for name, pairs in search.items():
-        files[name] = _write_jsonl(folder / f"{name}.jsonl", pairs)
-    files["passages"] = _write_jsonl(folder / "search_passages.jsonl",
+        files[name] = write_jsonl_atomic(folder / f"{name}.jsonl", pairs)
+    files["passages"] = write_jsonl_atomic(folder / "search_passages.jsonl",
                                      [{"text": p["passage"]} for p in search["search_heldout"]])
     return files
 
@@ -178,10 +177,6 @@ def _spread(docs: list[dict], count: int) -> list[dict]:
     """`count` documents evenly spaced through `docs` (which run module by module), so every part of the
     library is asked about."""
     return docs if len(docs) <= count else [docs[i * len(docs) // count] for i in range(count)]
-
-
-def _write_jsonl(path: Path, records: Sequence[dict]) -> Path:
-    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _answer(checkpoint: Path, tasks: list[Task]) -> list[TaskResult]:

@@ -4,7 +4,7 @@ JSONL so that a bad line is named."""
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,6 +29,11 @@ def write_text_atomic(path: Path, text: str) -> Path:
     with atomic_file(path) as f:
         f.write(text.encode("utf-8"))
     return path
+
+
+def write_jsonl_atomic(path: Path, records: Iterable[Any]) -> Path:
+    """Each record as one line of JSON (UTF-8, not escaped), written as `write_text_atomic` writes."""
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mtnlg.defaults import BATCH_SIZE, CHUNK_TOKENS, RERANK_TOP, RERANK_WEIGHT
 from mtnlg.errors import MtnlgError
-from mtnlg.files import jsonl_lines
+from mtnlg.files import jsonl_lines, write_jsonl_atomic
 from mtnlg.inference.embed import embed
 
 if TYPE_CHECKING:
@@ -153,8 +153,7 @@ def build_index(checkpoint: str | Path, files: Sequence[str | Path], output: str
             "chunk_tokens": chunk_tokens, "dtype": dtype}
     with atomic_directory(output) as tmp:
         np.save(tmp / VECTORS_FILE, vectors)
-        (tmp / PASSAGES_FILE).write_text("".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pieces),
-                                         encoding="utf-8")
+        write_jsonl_atomic(tmp / PASSAGES_FILE, (asdict(p) for p in pieces))
         (tmp / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return Index(output, vectors, pieces, info)
 

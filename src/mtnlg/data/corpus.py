@@ -6,7 +6,6 @@ import importlib
 import inspect
 import io
 import itertools
-import json
 import pkgutil
 import sys
 import warnings
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pydoc_data.topics
 
-from mtnlg.files import write_text_atomic
+from mtnlg.files import write_jsonl_atomic
 
 # Modules that open windows, print, touch the terminal, write files on import, are tests or codec tables, or
 # (distutils) are often setuptools' copy rather than the standard library's.
@@ -85,4 +84,4 @@ def build_default_corpus(path: str | Path) -> Path:
         seen.update(texts)
         if texts:
             documents.append("\n\n".join(texts))
-    return write_text_atomic(path, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in documents))
+    return write_jsonl_atomic(path, ({"text": text} for text in documents))

@@ -193,7 +193,12 @@ def _f1(prediction: str, answer: str) -> float:
     common = sum((Counter(ours) & Counter(theirs)).values())
     if not ours or not theirs:
         return float(ours == theirs)
-    return 0.0 if common == 0 else 2 * common / (len(ours) + len(theirs))
+    return _f_measure(common, len(ours), len(theirs))
+
+
+def _f_measure(common: int, predicted: int, expected: int) -> float:
+    """The harmonic mean of precision (common / predicted) and recall (common / expected)."""
+    return 0.0 if common == 0 else 2 * common / (predicted + expected)
 
 
 def _rouge_tokens(text: str) -> list[str]:
@@ -209,8 +214,7 @@ def _rouge_l(prediction: str, answer: str) -> float:
         diagonal = 0
         for j, other in enumerate(theirs, 1):
             diagonal, row[j] = row[j], (diagonal + 1 if token == other else max(row[j], row[j - 1]))
-    common = row[-1]
-    return 0.0 if common == 0 else 2 * common / (len(ours) + len(theirs))
+    return _f_measure(row[-1], len(ours), len(theirs))
 
 
 def _corpus_score(metric: str, predictions: list[str], answers: list[list[str]]) -> float:
