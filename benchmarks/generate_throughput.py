@@ -1,5 +1,6 @@
 """Decode throughput: mtnlg's generate against Hugging Face `generate` and, when installed (the `bench` extra),
-CTranslate2 in fp32 and int8, on the GPT-2 124M shape.
+CTranslate2 in fp32 and int8 and ONNX Runtime in fp32 (`engine_peers.py`, each in a process of its own), on
+the GPT-2 124M shape.
 
 Random weights (throughput does not depend on their values), greedy, KV cache on both sides, a 32-token
 prompt and 128 new tokens (end-of-text ignored, so every run is full length), batch 1 and batch 8,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import engine_peers
 from mtnlg.config import ModelConfig
 from mtnlg.hardware import this_cpu
 from mtnlg.inference.cpu import PackedLinear, Slice, pack_for_cpu_inference
@@ -84,31 +87,6 @@ def timed(fn, device: torch.device = torch.device("cpu")) -> float:
     return time.perf_counter() - start
 
 
-def ctranslate2_generators(hf: torch.nn.Module, folder: Path, threads: int) -> dict:
-    """CTranslate2 generators of the HF model in fp32 and int8, converted with CTranslate2's own converter
-    (offline: a word-level vocabulary "t0".."t50256" stands in for GPT-2's, so token ids pass as strings);
-    empty, saying why, when ctranslate2 is not installed (`pip install -e .[bench]`)."""
-    try:
-        import ctranslate2
-    except ImportError:
-        print("skipping ct2-float32 and ct2-int8: ctranslate2 is not installed (pip install -e '.[bench]')")
-        return {}
-    from tokenizers import Tokenizer as WordTokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    hf.save_pretrained(folder / "hf")
-    words = WordTokenizer(models.WordLevel({f"t{i}": i for i in range(hf.config.vocab_size)}, unk_token="t0"))
-    vocabulary = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t50256", eos_token="t50256", unk_token="t0")
-    vocabulary.save_pretrained(folder / "hf")
-    generators = {}
-    for quantization in ("float32", "int8"):
-        out = folder / f"ct2-{quantization}"
-        ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(out), quantization=quantization)
-        generators[f"ct2-{quantization}"] = ctranslate2.Generator(str(out), device="cpu", compute_type=quantization,
-                                                                  intra_threads=threads)
-    return generators
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=32)
@@ -147,8 +125,10 @@ def main() -> None:
             print("skipping mtnlg-int8: FBGEMM's int8 products need x86 with AVX2")
     step_bytes = {name: bytes_per_step(model) for name, model in models.items()}
     step_bytes["hf"] = step_bytes["mtnlg"]
-    scratch = tempfile.TemporaryDirectory()
-    peers = ctranslate2_generators(hf, Path(scratch.name), args.threads) if device.type == "cpu" else {}
+    scratch = Path(tempfile.mkdtemp())
+    names = engine_peers.available() if device.type == "cpu" else []
+    engine_peers.convert(hf, scratch, names)
+    peers = {name: engine_peers.Peer(name, scratch, args.threads) for name in names}
     step_bytes.update({name: step_bytes["mtnlg"] // (4 if name.endswith("int8") else 1) for name in peers})
     tokenizer = Tokenizer.train(["benchmark"], 300)
     params = Sampling(temperature=0, max_new_tokens=args.new, ignore_eos=True)
@@ -168,12 +148,9 @@ def main() -> None:
             for name, model in models.items()
         }
         prefill["hf"] = lambda: hf(prompts, use_cache=True, logits_to_keep=1)
-        words = [[f"t{i}" for i in row] for row in prompts.tolist()]
-        for name, peer in peers.items():  # its prefill: the prompt and one token
-            runs[name] = partial(peer.generate_batch, words, max_length=args.new, min_length=args.new, sampling_topk=1,
-                                 include_prompt_in_result=False)
-            prefill[name] = partial(peer.generate_batch, words, max_length=1, sampling_topk=1,
-                                    include_prompt_in_result=False)
+        for name, peer in peers.items():
+            runs[name] = partial(peer.generate, prompts.tolist(), args.new)
+            prefill[name] = partial(peer.prefill, prompts.tolist())
         totals: dict[str, list[float]] = {name: [] for name in runs}
         prefills: dict[str, list[float]] = {name: [] for name in runs}
         packed = {name: model for name, model in models.items() if products(model)}
@@ -184,7 +161,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 bandwidths.append(measure_bandwidth(device))
                 for name in runs:
-                    prefills[name].append(timed(prefill[name], device))
+                    prefills[name].append(min(timed(prefill[name], device) for _ in range(3)))
                     totals[name].append(timed(runs[name], device))
                 for name, model in packed.items():
                     alone[name].append(products_alone_time(model, cfg, prompts))
@@ -200,13 +177,13 @@ def main() -> None:
         floor = step_bytes[name] / bandwidth
         print(f"{name:<10} reads {step_bytes[name] / 1e6:.0f} MB per step -> floor {floor * 1e3:.1f} ms/step = "
               f"{1 / floor:.1f} tokens/s at batch 1")
-    rate = {}
+    rate, prefill_rate = {}, {}
     for batch, name, decode, pre, products_time in results:
-        rate[batch, name] = batch * args.new / decode
+        rate[batch, name], prefill_rate[batch, name] = batch * args.new / decode, batch * args.prompt / pre
         step_ms = decode / args.new * 1e3
         floor_ms = step_bytes[name] / bandwidth * 1e3
         print(f"batch {batch} {name:<10} decode {rate[batch, name]:8.1f} tokens/s ({step_ms:6.1f} ms/step, "
-              f"{step_ms / floor_ms:.2f}x its floor)  prefill {batch * args.prompt / pre:8.0f} tokens/s")
+              f"{step_ms / floor_ms:.2f}x its floor)  prefill {prefill_rate[batch, name]:8.0f} tokens/s")
         if products_time is not None:
             alone_ms = products_time * 1e3
             print(f"{'':19}matrix products alone {alone_ms:5.1f} ms/step ({alone_ms / floor_ms:.2f}x the floor, "
@@ -214,8 +191,12 @@ def main() -> None:
         if name == [*models, "hf", *peers][-1]:
             pairs = [(ours, "hf") for ours in models] + [(ours, peer) for peer in peers for ours in models
                                                           if ours.endswith("int8") == peer.endswith("int8")]
-            print(f"batch {batch} ratio " + "; ".join(
-                f"{ours} / {peer}: {rate[batch, ours] / rate[batch, peer]:.2f}" for ours, peer in pairs))
+            for what, rates in (("decode", rate), ("prefill", prefill_rate)):
+                print(f"batch {batch} {what} ratio " + "; ".join(
+                    f"{ours} / {peer}: {rates[batch, ours] / rates[batch, peer]:.2f}" for ours, peer in pairs))
+    for peer in peers.values():
+        peer.close()
+    shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":
