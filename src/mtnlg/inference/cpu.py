@@ -41,7 +41,7 @@ class PackedLinear(nn.Module):
         self._input: torch.Tensor | None = None
         self._outputs: tuple[torch.Tensor, ...] = ()
         if dtype == torch.int8:
-            self.int8 = int8_linear(weight, bias)
+            self.int8 = int8_weight(weight, bias)
             return
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch_size=PACK_FOR_ROWS)
         self.bias = None if bias is None else bias.to(dtype)
@@ -50,7 +50,7 @@ class PackedLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes of the weights a product reads: the matrix, the bias, and int8's scales."""
         if self.dtype == torch.int8:
-            weight, bias = self.int8._weight_bias()
+            weight, bias = torch.ops.quantized.linear_unpack(self.int8)
             tensors = [weight.int_repr(), weight.q_per_channel_scales().float(), bias]
         else:
             tensors = [self.weight, self.bias]
@@ -58,7 +58,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.int8:
-            return self.int8(x.float()).to(x.dtype)
+            # reduce_range: inputs quantized to 7 bits, so AVX2's 8-bit multiply-adds cannot saturate
+            return torch.ops.quantized.linear_dynamic.default(x.float(), self.int8, True).to(x.dtype)
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
         return y.to(x.dtype)
 
@@ -80,17 +81,15 @@ class Slice(nn.Module):
         return self.packed[0].outputs(x)[self.index]
 
 
-def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """FBGEMM's dynamically quantized linear for an fp32 weight [out, in]: int8, symmetric per output channel
-    (scale = the row's largest magnitude / 127)."""
+def int8_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """An fp32 weight [out, in] (and bias) packed for FBGEMM's dynamically quantized product: int8, symmetric
+    per output channel (scale = the row's largest magnitude / 127)."""
     scales = weight.abs().amax(1).clamp_min(1e-12).double() / 127
     zeros = torch.zeros_like(scales, dtype=torch.long)
     with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; their successor (PT2E's oneDNN
         warnings.simplefilter("ignore", UserWarning)  # ops) has no dynamic product this fast yet (issue 15)
         quantized = torch.quantize_per_channel(weight.float(), scales, zeros, 0, torch.qint8)
-        linear = torch.ao.nn.quantized.dynamic.Linear(weight.shape[1], weight.shape[0], dtype=torch.qint8)
-        linear.set_weight_bias(quantized, None if bias is None else bias.float())
-    return linear
+        return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.float())
 
 
 # Sibling linears that read the same input: packed together.

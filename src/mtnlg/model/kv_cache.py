@@ -53,6 +53,7 @@ class KVCache:
         positions = starts[:, None] + offsets
         real = offsets < counts[:, None]
         self._slots, self._new_counts, self._end = slots, counts, end
+        self._slot_index = slots.to(self.device)[:, None]
         self._write = torch.where(real, positions, self.max_len).to(self.device)  # padding -> scratch column
         self._contiguous = self._rows is None or bool((slots == torch.arange(len(slots))).all())
         uniform = bool((starts == starts[0]).all() and real.all())
@@ -74,7 +75,7 @@ class KVCache:
             shape = (self.n_layer, self.rows, heads, self.max_len + 1, head_dim)
             self.k = torch.zeros(shape, device=k.device, dtype=self.dtype)
             self.v = torch.zeros(shape, device=k.device, dtype=self.dtype)
-        slots = self._slots.to(k.device)[:, None]
+        slots = self._slot_index
         # Indexing slots (dim 1) and positions (dim 3) around the heads puts [rows, steps] first.
         self.k[layer, slots, :, self._write] = k.transpose(1, 2).to(self.dtype)
         self.v[layer, slots, :, self._write] = v.transpose(1, 2).to(self.dtype)
