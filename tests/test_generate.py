@@ -1,3 +1,6 @@
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,12 +15,14 @@ from mtnlg.inference.sampling import filter_logits, penalize
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.tokenizer import Tokenizer
 from mtnlg.train.trainer import Trainer
+from conftest import synthetic_documents
 
 PROMPTS = ["The model", "Training runs on one machine or many while the loss", "A"]
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_data, tmp_path_factory):
+def trained(tiny_data, tmp_path_factory) -> Path:
+    """A tiny model trained on the synthetic corpus: what the generation and quality tests run."""
     from mtnlg.config import load_config
 
     out = tmp_path_factory.mktemp("gen") / "run"
@@ -27,7 +32,12 @@ def lm(tiny_data, tmp_path_factory):
          "--train.warmup_steps=10", "--train.tensorboard=false", "--train.progress=false", "--train.eval_interval=0"],
     )
     Trainer(cfg).fit()
-    return mtnlg.load(out, "cpu", dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm(trained):
+    return mtnlg.load(trained, "cpu", dtype="fp32")
 
 
 def greedy(lm, prompts, **kw):
@@ -308,6 +318,21 @@ def test_int8_weights_for_inference(checkpoint):
         got, want = lm.model(x), plain(x)
     assert got.dtype == torch.float32 and 0 < (got - want).abs().max() < 0.1 * want.abs().max()
     assert len(lm.generate("The model", max_new_tokens=8, temperature=0, ignore_eos=True)[0].token_ids) == 8
+
+
+@pytest.mark.skipif(not this_cpu().int8, reason="this CPU has no int8 path (FBGEMM needs x86 with AVX2)")
+def test_int8_perplexity_is_within_1_percent_of_fp32(trained):
+    """The quality cost of int8 weights, on held-out text (sentences of documents of another seed) of a
+    trained model."""
+    texts = [sentence for document in synthetic_documents(30, seed=1) for sentence in document.split(". ")]
+    perplexity = {}
+    for dtype in ("fp32", "int8"):
+        lm = mtnlg.load(trained, "cpu", dtype=dtype)
+        scored = lm.score(texts)
+        perplexity[dtype] = math.exp(-sum(s.total for s in scored) / sum(len(s.logprobs) for s in scored))
+    print(f"held-out perplexity fp32 {perplexity['fp32']:.4f}, int8 {perplexity['int8']:.4f}")
+    assert perplexity["fp32"] < lm.model.cfg.vocab_size / 2  # it learned something: uniform is the vocabulary size
+    assert abs(perplexity["int8"] / perplexity["fp32"] - 1) < 0.01
 
 
 def test_int8_needs_fbgemm_on_one_cpu_process(checkpoint, cap_cpu, capsys):
