@@ -42,6 +42,29 @@ def _train_tokenizer(inputs: list[str], vocab_size: int, json_key: str):
     return Tokenizer.train((doc for p in inputs for doc in read_documents(Path(p), json_key, "skip")), vocab_size)
 
 
+def cmd_curate(args: argparse.Namespace) -> None:
+    """Clean pretraining text before `prepare`: dedup, decontamination, quality, PII (mtnlg.curate)."""
+    from mtnlg.curate.decontaminate import Rules
+    from mtnlg.curate.minhash import MinHash
+    from mtnlg.curate.pipeline import DEFAULT_STAGES, Options, curate
+    from mtnlg.curate.quality import Thresholds
+
+    stages = tuple(s for arg in args.stages for s in arg.split(",") if s) if args.stages else DEFAULT_STAGES
+    if args.tasks and not args.stages:
+        stages = (*stages[:-1], "decontaminate", stages[-1])  # before PII, which changes the text
+    options = Options(
+        inputs=[Path(p) for p in args.inputs], output=Path(args.output), stages=stages, json_key=args.json_key,
+        workers=args.workers, minhash=MinHash(args.shingle, args.bands, args.rows, args.seed), threshold=args.threshold,
+        verify=not args.no_verify, tasks=[Path(p) for p in args.tasks], rules=Rules(), quality=Thresholds.parse(args.quality),
+        keep_removed=args.keep_removed,
+    )
+    report = curate(options)
+    for stage in report["stages"]:
+        print(f"{stage['stage']:<14} {stage['documents_in']:>9,} -> {stage['documents_out']:>9,} documents, "
+              f"{stage['bytes_in']:>12,} -> {stage['bytes_out']:>12,} bytes")
+    print(f"wrote {report['output']} and {Path(args.output) / 'report.json'}")
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     tokenizer = _train_tokenizer(args.inputs, args.vocab_size, args.json_key)
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE -> {tokenizer.save(args.output)}")
@@ -534,6 +557,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail", help="malformed jsonl lines")
     p.add_argument("--seed", type=int, default=1234)
     p.set_defaults(handler=cmd_prepare)
+
+    p = verbs.add_parser("curate", help="clean text before prepare: exact/fuzzy dedup, decontamination, quality, PII")
+    p.add_argument("inputs", nargs="+", help=".txt or .jsonl files, or folders of them (earlier inputs win ties)")
+    p.add_argument("--output", required=True, help="folder: documents.jsonl, report.json, work/ (for resuming)")
+    p.add_argument("--stages", nargs="+", help="in order, from exact, quality, fuzzy, decontaminate, pii (default: "
+                   "exact quality fuzzy pii, with decontaminate before pii when --tasks is given)")
+    p.add_argument("--json-key", default="text", help="the field holding the text in .jsonl lines")
+    p.add_argument("--workers", type=int, default=1, help="processes for the per-document work")
+    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    p.add_argument("--shingle", type=int, default=5, help="words per MinHash shingle")
+    p.add_argument("--bands", type=int, default=14, help="LSH bands (bands x rows permutations)")
+    p.add_argument("--rows", type=int, default=8, help="LSH rows per band")
+    p.add_argument("--seed", type=int, default=0, help="of the MinHash permutations")
+    p.add_argument("--no-verify", action="store_true", help="take LSH candidates as duplicates without checking "
+                   "their exact Jaccard (faster, less precise)")
+    p.add_argument("--tasks", nargs="+", default=[], help="evaluation task files (JSONL, or text lines) to "
+                   "decontaminate against")
+    p.add_argument("--quality", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="change a quality threshold, e.g. min_words=20 (docs/curate.md lists them)")
+    p.add_argument("--keep-removed", action="store_true", help="write removed documents to DIR/removed/STAGE.jsonl")
+    p.set_defaults(handler=cmd_curate)
 
     p = verbs.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     p.add_argument("inputs", nargs="+")

@@ -1,0 +1,338 @@
+"""`mtnlg curate`: read the inputs once into a JSONL work file, then run the chosen stages over it in order.
+
+Each stage reads the previous stage's file and writes its own (atomically), with a marker holding its
+options and its counts. A rerun with the same options skips every stage whose marker matches, so a killed
+run continues from the last finished stage; a changed option reruns that stage and those after it. Only
+what a stage needs stays in memory: hashes for exact deduplication, signatures and band keys for fuzzy
+deduplication, the task n-grams for decontamination; the documents stream through.
+
+Out: DIR/documents.jsonl (`{"text", "id", "source"}`, what `mtnlg prepare` reads), DIR/report.json (documents
+and bytes in and out per stage and source, and why each removed document went), and with --keep-removed
+DIR/removed/STAGE.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mtnlg.curate import exact, pii, quality
+from mtnlg.curate.decontaminate import Contamination, Rules, task_items
+from mtnlg.curate.minhash import Clusters, MinHash, candidate_pairs, jaccard, shingles
+from mtnlg.data.prepare import read_records
+from mtnlg.errors import MtnlgError
+from mtnlg.files import atomic_file, jsonl_lines, write_text_atomic
+
+STAGES = ("exact", "quality", "fuzzy", "decontaminate", "pii")
+DEFAULT_STAGES = ("exact", "quality", "fuzzy", "pii")  # decontaminate joins them when there are task files
+CHUNK = 256  # documents per task sent to a worker
+
+
+@dataclass
+class Options:
+    inputs: list[Path]
+    output: Path
+    stages: tuple[str, ...] = DEFAULT_STAGES
+    json_key: str = "text"
+    workers: int = 1
+    minhash: MinHash = field(default_factory=MinHash)
+    threshold: float = 0.8  # Jaccard at or above which candidates are duplicates (with verify)
+    verify: bool = True  # check candidates' exact Jaccard; without it every LSH candidate is a duplicate
+    tasks: list[Path] = field(default_factory=list)
+    rules: Rules = field(default_factory=Rules)
+    quality: quality.Thresholds = field(default_factory=quality.Thresholds)
+    keep_removed: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise MtnlgError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
+        if not 0 < self.threshold <= 1:
+            raise MtnlgError(f"--threshold {self.threshold} must be in (0, 1]: it is a Jaccard similarity")
+        if min(self.minhash.bands, self.minhash.rows, self.minhash.shingle, self.workers) < 1:
+            raise MtnlgError("--bands, --rows, --shingle and --workers take 1 or more")
+        if "decontaminate" in self.stages and not self.tasks:
+            raise MtnlgError("decontamination needs the task files: pass --tasks FILE... (or leave the stage out)")
+        for path in self.inputs:
+            if not path.exists():
+                raise MtnlgError(f"{path}: no such file or directory; pass existing .txt/.jsonl files or folders")
+
+
+@dataclass
+class Stage:
+    """What a stage did: counts in and out per source, and why each removed document went."""
+
+    name: str
+    options: dict[str, Any]
+    documents_in: Counter = field(default_factory=Counter)  # per source
+    bytes_in: Counter = field(default_factory=Counter)
+    documents_out: Counter = field(default_factory=Counter)
+    bytes_out: Counter = field(default_factory=Counter)
+    removed: dict[str, str] = field(default_factory=dict)  # id -> reason
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        sources = sorted(set(self.documents_in) | set(self.documents_out))
+        return {
+            "stage": self.name, "options": self.options,
+            "documents_in": sum(self.documents_in.values()), "documents_out": sum(self.documents_out.values()),
+            "bytes_in": sum(self.bytes_in.values()), "bytes_out": sum(self.bytes_out.values()),
+            "per_source": {s: {"documents_in": self.documents_in[s], "documents_out": self.documents_out[s],
+                               "bytes_in": self.bytes_in[s], "bytes_out": self.bytes_out[s]} for s in sources},
+            "removed": self.removed, **self.details,
+        }
+
+
+def curate(options: Options) -> dict[str, Any]:
+    """Run the stages; returns the report (also written to DIR/report.json)."""
+    options.check()
+    work = options.output / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    read_options = {"inputs": [_fingerprint(p) for p in options.inputs], "json_key": options.json_key}
+    steps: list[tuple[str, dict, Callable]] = [("read", read_options, _read)]
+    for name in options.stages:
+        steps.append((name, _stage_options(name, options), RUNNERS[name]))
+    report, previous, upstream = [], None, ""
+    for number, (name, stage_options, run) in enumerate(steps):
+        path, marker = work / f"{number:02d}-{name}.jsonl", work / f"{number:02d}-{name}.done.json"
+        key = json.dumps({"options": stage_options, "after": upstream}, sort_keys=True, default=str)
+        if marker.exists() and path.exists() and json.loads(marker.read_text())["key"] == key:
+            summary = json.loads(marker.read_text())["summary"]
+            print(f"{name}: done before, kept ({summary['documents_out']} documents)", file=sys.stderr)
+        else:
+            stage = Stage(name, stage_options)
+            with atomic_file(path) as out:
+                kept = run(options, previous, stage)
+                for record in _bar(kept, options, name, _count(previous)):
+                    stage.documents_out[record["source"]] += 1
+                    stage.bytes_out[record["source"]] += len(record["text"].encode())
+                    out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+            summary = stage.summary()
+            write_text_atomic(marker, json.dumps({"key": key, "summary": summary}))
+            if options.keep_removed and stage.removed and previous is not None:
+                _write_removed(options.output / "removed" / f"{name}.jsonl", previous, stage.removed)
+        report.append(summary)
+        previous, upstream = path, key
+    final = options.output / "documents.jsonl"
+    with atomic_file(final) as out, open(previous, "rb") as f:
+        for line in f:
+            out.write(line)
+    result = {"inputs": [str(p) for p in options.inputs], "output": str(final), "stages": report}
+    write_text_atomic(options.output / "report.json", json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """An input as the read stage's marker remembers it: a changed file reads again."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {"path": str(path), "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+
+
+def _stage_options(name: str, o: Options) -> dict[str, Any]:
+    return {
+        "exact": {},
+        "quality": asdict(o.quality),
+        "fuzzy": {**asdict(o.minhash), "threshold": o.threshold, "verify": o.verify},
+        "decontaminate": {**asdict(o.rules), "tasks": [_fingerprint(p) for p in o.tasks]},
+        "pii": {},
+    }[name]
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    return (record for _, record in jsonl_lines(path))
+
+
+def _count(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _bar(records: Iterable, options: Options, name: str, total: int | None) -> Iterable:
+    return tqdm(records, total=total, desc=name, unit=" docs", file=sys.stderr, leave=False,
+                disable=None if options.progress else True)
+
+
+def _counted(records: Iterable[dict], stage: Stage) -> Iterator[dict]:
+    for record in records:
+        stage.documents_in[record["source"]] += 1
+        stage.bytes_in[record["source"]] += len(record["text"].encode())
+        yield record
+
+
+def _mapped(fn: Callable[[dict], Any], records: Iterable[dict], workers: int) -> Iterator[tuple[dict, Any]]:
+    """(record, fn(record)) in order, fn run by `workers` processes (in this one for 1); a few chunks per
+    worker are in flight at a time, so memory stays bounded."""
+    if workers == 1:
+        for record in records:
+            yield record, fn(record)
+        return
+    records = iter(records)
+    chunks = iter(lambda: list(islice(records, CHUNK)), [])
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (fn,)) as pool:
+        while window := list(islice(chunks, 4 * workers)):
+            for chunk, results in zip(window, pool.map(_apply_in_worker, window)):
+                yield from zip(chunk, results)
+
+
+_worker_fn: Callable[[dict], Any] | None = None
+
+
+def _init_worker(fn: Callable[[dict], Any]) -> None:
+    """Each worker gets the function (and what it holds: task n-grams, thresholds) once, not per chunk."""
+    global _worker_fn
+    _worker_fn = fn
+
+
+def _apply_in_worker(chunk: list[dict]) -> list[Any]:
+    return [_worker_fn(record) for record in chunk]
+
+
+def _write_removed(path: Path, previous: Path, removed: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as out:
+        for record in _records(previous):
+            if record["id"] in removed:
+                out.write(json.dumps({**record, "reason": removed[record["id"]]}, ensure_ascii=False).encode() + b"\n")
+
+
+def _read(options: Options, _: Path | None, stage: Stage) -> Iterator[dict]:
+    for source in options.inputs:
+        for file, line, text in read_records(source, options.json_key):
+            record = {"text": text, "id": f"{file}:{line}" if line else str(file), "source": str(source)}
+            stage.documents_in[record["source"]] += 1
+            stage.bytes_in[record["source"]] += len(text.encode())
+            yield record
+
+
+def _exact(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+    """The first copy stays (inputs in the order given, so an earlier input wins)."""
+    first: dict[str, str] = {}
+    for record, digest in _mapped(_fingerprint_text, _counted(_records(previous), stage), options.workers):
+        if digest in first:
+            stage.removed[record["id"]] = f"exact duplicate of {first[digest]}"
+        else:
+            first[digest] = record["id"]
+            yield record
+
+
+def _fingerprint_text(record: dict) -> str:
+    return exact.fingerprint(record["text"])
+
+
+def _quality(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+    failures: Counter = Counter()
+    check = partial(_failed_check, thresholds=options.quality)
+    for record, reason in _mapped(check, _counted(_records(previous), stage), options.workers):
+        if reason is None:
+            yield record
+        else:
+            stage.removed[record["id"]] = reason
+            failures[reason.split(" ")[0]] += 1
+    stage.details["failed_checks"] = dict(failures)
+
+
+def _failed_check(record: dict, thresholds: quality.Thresholds) -> str | None:
+    return quality.failed_check(record["text"], thresholds)
+
+
+def _pii(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+    found: Counter = Counter()
+    documents = 0
+    for record, (text, counts) in _mapped(_redact, _counted(_records(previous), stage), options.workers):
+        found.update(counts)
+        documents += bool(counts)
+        yield {**record, "text": text}
+    stage.details["redacted"] = {**{kind: found[kind] for kind in pii.PLACEHOLDERS}, "documents": documents}
+
+
+def _redact(record: dict) -> tuple[str, Counter]:
+    return pii.redact(record["text"])
+
+
+def _fuzzy(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+    """Signatures (workers), candidates by band, verified by exact Jaccard, clusters; the document kept in a
+    cluster is the one from the earliest input, then the longest, then the first."""
+    params = options.minhash
+    stage.details["lsh"] = {"permutations": params.permutations, "threshold_implied": round(params.threshold(), 4),
+                            "candidate_probability": params.s_curve()}
+    print(f"fuzzy: {params.bands} bands x {params.rows} rows of {params.shingle}-word shingles; candidates from "
+          f"similarity ~{params.threshold():.2f}; P(candidate | similarity) {params.s_curve()}", file=sys.stderr)
+    ranks, ids, signatures = [], [], []
+    priority = {str(p): i for i, p in enumerate(options.inputs)}
+    for record, signature in _mapped(partial(_signature, params=params), _counted(_records(previous), stage),
+                                     options.workers):
+        ids.append(record["id"])
+        ranks.append((priority.get(record["source"], len(priority)), -len(record["text"]), len(ids)))
+        signatures.append(signature)
+    pairs = list(candidate_pairs(params, signatures))
+    del signatures
+    similar = _verified(pairs, previous, params.shingle, options.threshold) if options.verify else {p: None for p in pairs}
+    clusters, closest = Clusters(), {}
+    for (a, b), score in similar.items():
+        clusters.union(a, b)
+        for i in (a, b):
+            closest[i] = max(closest.get(i, 0.0), score or 0.0)
+    removed: dict[int, str] = {}
+    for members in clusters.groups():
+        keep = min(members, key=lambda i: ranks[i])
+        for i in members:
+            if i != keep:
+                removed[i] = f"near duplicate of {ids[keep]} (a cluster of {len(members)}" + (
+                    f"; its closest match at Jaccard {closest[i]:.3f})" if options.verify else ")")
+    stage.details.update(candidate_pairs=len(pairs), duplicate_pairs=len(similar), clusters=len(clusters.groups()))
+    for index, record in enumerate(_records(previous)):
+        if index in removed:
+            stage.removed[record["id"]] = removed[index]
+        else:
+            yield record
+
+
+def _signature(record: dict, params: MinHash) -> np.ndarray:
+    return params.signature(record["text"])
+
+
+def _verified(pairs: list[tuple[int, int]], previous: Path, size: int, threshold: float) -> dict[tuple[int, int], float]:
+    """The candidate pairs whose exact Jaccard reaches the threshold, with it; only the shingle sets of
+    documents in some pair are held."""
+    wanted = {i for pair in pairs for i in pair}
+    sets = {i: shingles(r["text"], size) for i, r in enumerate(_records(previous)) if i in wanted}
+    scores = {(a, b): jaccard(sets[a], sets[b]) for a, b in pairs}
+    return {pair: score for pair, score in scores.items() if score >= threshold}
+
+
+def _decontaminate(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+    items = [item for path in options.tasks for item in task_items(path)]
+    contamination = Contamination(items, options.rules)
+    contamination.count_documents(record["text"] for record in _records(previous))
+    hits: dict[str, list[str]] = {}
+    for record, (pieces, found, why) in _mapped(partial(_clean, contamination=contamination),
+                                                _counted(_records(previous), stage), options.workers):
+        if found:
+            hits[record["id"]] = found
+        if not pieces:
+            stage.removed[record["id"]] = f"contaminated by {', '.join(found)}: {why}"
+        for number, piece in enumerate(pieces):
+            yield {**record, "text": piece, "id": record["id"] if len(pieces) == 1 else f"{record['id']}#{number}"}
+    stage.details.update(task_items=len(items), task_ngrams=len(contamination.ngrams),
+                         ignored_ngrams=len(contamination.ignored), hits=hits)
+
+
+def _clean(record: dict, contamination: Contamination) -> tuple[list[str], list[str], str]:
+    return contamination.clean(record["text"])
+
+
+RUNNERS = {"exact": _exact, "quality": _quality, "fuzzy": _fuzzy, "decontaminate": _decontaminate, "pii": _pii}
