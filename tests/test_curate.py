@@ -204,6 +204,41 @@ def test_worker_processes_give_the_single_process_output(tmp_path):
     assert len(removed) == 20 and all(r["reason"].startswith("exact duplicate of") and r["text"] for r in removed)
 
 
+def test_a_local_dask_cluster_gives_the_process_pool_output(tmp_path):
+    pytest.importorskip("distributed", reason="Dask's distributed scheduler is not installed (pip install 'mtnlg[cluster]')")
+    source = corpus(tmp_path)
+    for name, cluster in (("pool", None), ("dask", "local")):
+        curate(Options([source], tmp_path / name, workers=2, cluster=cluster, progress=False))
+    assert (tmp_path / "pool/documents.jsonl").read_bytes() == (tmp_path / "dask/documents.jsonl").read_bytes()
+
+
+LANGUAGES = {
+    "en": "The river runs through the old town, and in the evening the people walk along its banks to watch the "
+          "boats come home. Nobody remembers when the first bridge was built.",
+    "de": "Der Fluss fließt durch die alte Stadt, und am Abend gehen die Leute an seinem Ufer spazieren, um die "
+          "Boote heimkommen zu sehen. Niemand erinnert sich, wann die erste Brücke gebaut wurde.",
+    "fr": "La rivière traverse la vieille ville, et le soir les gens se promènent le long de ses rives pour regarder "
+          "les bateaux rentrer. Personne ne se souvient de la construction du premier pont.",
+    "es": "El río atraviesa el casco antiguo, y por la tarde la gente pasea por sus orillas para ver volver los "
+          "barcos. Nadie recuerda cuándo se construyó el primer puente.",
+    "ru": "Река протекает через старый город, и вечером люди гуляют по её берегам, чтобы посмотреть, как "
+          "возвращаются лодки. Никто не помнит, когда был построен первый мост.",
+    "ja": "川は古い町を流れていて、夕方になると人々は岸辺を歩きながら船が帰ってくるのを眺めます。最初の橋がいつ架けられたのか、誰も覚えていません。",
+}
+
+
+def test_language_stage_keeps_and_routes_by_language(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", list(LANGUAGES.values()))
+    report = curate(Options([source], tmp_path / "all", stages=("language",), split_languages=True, progress=False))
+    assert report["stages"][1]["languages"] == dict.fromkeys(LANGUAGES, 1)
+    for code in LANGUAGES:
+        [record] = [json.loads(line) for line in (tmp_path / f"all/languages/{code}.jsonl").read_text().splitlines()]
+        assert record["language"] == code and record["text"] == LANGUAGES[code]
+    report = curate(Options([source], tmp_path / "some", stages=("language",), languages=("de", "ja"), progress=False))
+    assert kept_lines(tmp_path / "some") == [2, 6]
+    assert report["stages"][1]["removed"][f"{source}:1"] == "language en (probability 1.0)"
+
+
 def test_curate_then_prepare(tmp_path, capsys):
     source = corpus(tmp_path)
     assert main(["curate", str(source), "--output", str(tmp_path / "out")]) == 0
@@ -221,6 +256,7 @@ def test_curate_then_prepare(tmp_path, capsys):
     (["BAD", "--stages", "exact,fuzzy,shiny"], "unknown stage 'shiny'"),
     (["BAD", "--stages", "decontaminate"], "decontamination needs the task files"),
     (["BAD", "--quality", "min_words"], "expected NAME=VALUE"),
+    (["BAD", "--languages", "en", "--stages", "exact"], "need the language stage"),
 ])
 def test_user_mistakes_get_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -46,17 +46,17 @@ def cmd_curate(args: argparse.Namespace) -> None:
     """Clean pretraining text before `prepare`: dedup, decontamination, quality, PII (mtnlg.curate)."""
     from mtnlg.curate.decontaminate import Rules
     from mtnlg.curate.minhash import MinHash
-    from mtnlg.curate.pipeline import DEFAULT_STAGES, Options, curate
+    from mtnlg.curate.pipeline import Options, curate, default_stages
     from mtnlg.curate.quality import Thresholds
 
-    stages = tuple(s for arg in args.stages for s in arg.split(",") if s) if args.stages else DEFAULT_STAGES
-    if args.tasks and not args.stages:
-        stages = (*stages[:-1], "decontaminate", stages[-1])  # before PII, which changes the text
+    stages = tuple(s for arg in args.stages or [] for s in arg.split(",") if s) or default_stages(
+        languages=bool(args.languages or args.split_languages), tasks=bool(args.tasks))
     options = Options(
         inputs=[Path(p) for p in args.inputs], output=Path(args.output), stages=stages, json_key=args.json_key,
-        workers=args.workers, minhash=MinHash(args.shingle, args.bands, args.rows, args.seed), threshold=args.threshold,
+        workers=args.workers, cluster=args.cluster, minhash=MinHash(args.shingle, args.bands, args.rows, args.seed), threshold=args.threshold,
         verify=not args.no_verify, tasks=[Path(p) for p in args.tasks], rules=Rules(), quality=Thresholds.parse(args.quality),
-        keep_removed=args.keep_removed,
+        languages=tuple(code for arg in args.languages for code in arg.split(",") if code),
+        split_languages=args.split_languages, keep_removed=args.keep_removed,
     )
     report = curate(options)
     for stage in report["stages"]:
@@ -561,10 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("curate", help="clean text before prepare: exact/fuzzy dedup, decontamination, quality, PII")
     p.add_argument("inputs", nargs="+", help=".txt or .jsonl files, or folders of them (earlier inputs win ties)")
     p.add_argument("--output", required=True, help="folder: documents.jsonl, report.json, work/ (for resuming)")
-    p.add_argument("--stages", nargs="+", help="in order, from exact, quality, fuzzy, decontaminate, pii (default: "
-                   "exact quality fuzzy pii, with decontaminate before pii when --tasks is given)")
+    p.add_argument("--stages", nargs="+", help="in order, from exact, language, quality, fuzzy, decontaminate, pii (default: "
+                   "exact quality fuzzy pii, with language after exact when languages are asked for and "
+                   "decontaminate before pii when --tasks is given)")
     p.add_argument("--json-key", default="text", help="the field holding the text in .jsonl lines")
     p.add_argument("--workers", type=int, default=1, help="processes for the per-document work")
+    p.add_argument("--cluster", help="run the per-document work on a Dask cluster: its scheduler's address "
+                   "(tcp://host:8786), or 'local' for one of --workers processes on this machine (docs/curate.md)")
     p.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     p.add_argument("--shingle", type=int, default=5, help="words per MinHash shingle")
     p.add_argument("--bands", type=int, default=14, help="LSH bands (bands x rows permutations)")
@@ -576,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "decontaminate against")
     p.add_argument("--quality", nargs="+", default=[], metavar="NAME=VALUE",
                    help="change a quality threshold, e.g. min_words=20 (docs/curate.md lists them)")
+    p.add_argument("--languages", nargs="+", default=[], help="the language stage keeps only these ISO 639-1 codes "
+                   "(e.g. en de); without it every document is kept and labelled")
+    p.add_argument("--split-languages", action="store_true", help="also write DIR/languages/CODE.jsonl per language")
     p.add_argument("--keep-removed", action="store_true", help="write removed documents to DIR/removed/STAGE.jsonl")
     p.set_defaults(handler=cmd_curate)
 

@@ -18,6 +18,7 @@ import multiprocessing
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
@@ -27,15 +28,22 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mtnlg.curate import exact, pii, quality
+from mtnlg.curate import exact, language, pii, quality
 from mtnlg.curate.decontaminate import Contamination, Rules, task_items
 from mtnlg.curate.minhash import Clusters, MinHash, candidate_pairs, jaccard, shingles
 from mtnlg.data.prepare import read_records
 from mtnlg.errors import MtnlgError
 from mtnlg.files import atomic_file, jsonl_lines, write_text_atomic
 
-STAGES = ("exact", "quality", "fuzzy", "decontaminate", "pii")
-DEFAULT_STAGES = ("exact", "quality", "fuzzy", "pii")  # decontaminate joins them when there are task files
+STAGES = ("exact", "language", "quality", "fuzzy", "decontaminate", "pii")
+
+
+def default_stages(languages: bool = False, tasks: bool = False) -> tuple[str, ...]:
+    """The stages run when none are named: language identification when languages are asked for (before the
+    quality checks, which are English's), decontamination when there are task files (before PII redaction,
+    which changes the text)."""
+    return ("exact", *(("language",) if languages else ()), "quality", "fuzzy", *(("decontaminate",) if tasks else ()),
+            "pii")
 CHUNK = 256  # documents per task sent to a worker
 
 
@@ -43,15 +51,18 @@ CHUNK = 256  # documents per task sent to a worker
 class Options:
     inputs: list[Path]
     output: Path
-    stages: tuple[str, ...] = DEFAULT_STAGES
+    stages: tuple[str, ...] = default_stages()
     json_key: str = "text"
     workers: int = 1
+    cluster: str | None = None  # a Dask scheduler's address, or "local" (see Workers)
     minhash: MinHash = field(default_factory=MinHash)
     threshold: float = 0.8  # Jaccard at or above which candidates are duplicates (with verify)
     verify: bool = True  # check candidates' exact Jaccard; without it every LSH candidate is a duplicate
     tasks: list[Path] = field(default_factory=list)
     rules: Rules = field(default_factory=Rules)
     quality: quality.Thresholds = field(default_factory=quality.Thresholds)
+    languages: tuple[str, ...] = ()  # the language stage keeps these (ISO 639-1 codes); empty: all, labelled
+    split_languages: bool = False  # also write DIR/languages/CODE.jsonl
     keep_removed: bool = False
     progress: bool = True
 
@@ -63,6 +74,8 @@ class Options:
             raise MtnlgError(f"--threshold {self.threshold} must be in (0, 1]: it is a Jaccard similarity")
         if min(self.minhash.bands, self.minhash.rows, self.minhash.shingle, self.workers) < 1:
             raise MtnlgError("--bands, --rows, --shingle and --workers take 1 or more")
+        if (self.languages or self.split_languages) and "language" not in self.stages:
+            raise MtnlgError("--languages and --split-languages need the language stage: add it to --stages")
         if "decontaminate" in self.stages and not self.tasks:
             raise MtnlgError("decontamination needs the task files: pass --tasks FILE... (or leave the stage out)")
         for path in self.inputs:
@@ -104,6 +117,16 @@ def curate(options: Options) -> dict[str, Any]:
     steps: list[tuple[str, dict, Callable]] = [("read", read_options, _read)]
     for name in options.stages:
         steps.append((name, _stage_options(name, options), RUNNERS[name]))
+    with Workers(options.workers, options.cluster) as workers:
+        report, final = _run(options, steps, workers)
+    result = {"inputs": [str(p) for p in options.inputs], "output": str(final), "stages": report}
+    write_text_atomic(options.output / "report.json", json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Workers) -> tuple[list[dict], Path]:
+    """Each stage whose marker does not match, in order; returns the stages' summaries and the last file."""
+    work = options.output / "work"
     report, previous, upstream = [], None, ""
     for number, (name, stage_options, run) in enumerate(steps):
         path, marker = work / f"{number:02d}-{name}.jsonl", work / f"{number:02d}-{name}.done.json"
@@ -114,7 +137,7 @@ def curate(options: Options) -> dict[str, Any]:
         else:
             stage = Stage(name, stage_options)
             with atomic_file(path) as out:
-                kept = run(options, previous, stage)
+                kept = run(options, previous, stage, workers)
                 for record in _bar(kept, options, name, _count(previous)):
                     stage.documents_out[record["source"]] += 1
                     stage.bytes_out[record["source"]] += len(record["text"].encode())
@@ -129,9 +152,9 @@ def curate(options: Options) -> dict[str, Any]:
     with atomic_file(final) as out, open(previous, "rb") as f:
         for line in f:
             out.write(line)
-    result = {"inputs": [str(p) for p in options.inputs], "output": str(final), "stages": report}
-    write_text_atomic(options.output / "report.json", json.dumps(result, indent=1, ensure_ascii=False))
-    return result
+    if options.split_languages:
+        _split_languages(final, options.output / "languages")
+    return report, final
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -143,6 +166,7 @@ def _fingerprint(path: Path) -> dict[str, Any]:
 def _stage_options(name: str, o: Options) -> dict[str, Any]:
     return {
         "exact": {},
+        "language": {"languages": list(o.languages)},
         "quality": asdict(o.quality),
         "fuzzy": {**asdict(o.minhash), "threshold": o.threshold, "verify": o.verify},
         "decontaminate": {**asdict(o.rules), "tasks": [_fingerprint(p) for p in o.tasks]},
@@ -173,32 +197,76 @@ def _counted(records: Iterable[dict], stage: Stage) -> Iterator[dict]:
         yield record
 
 
-def _mapped(fn: Callable[[dict], Any], records: Iterable[dict], workers: int) -> Iterator[tuple[dict, Any]]:
-    """(record, fn(record)) in order, fn run by `workers` processes (in this one for 1); a few chunks per
-    worker are in flight at a time, so memory stays bounded."""
-    if workers == 1:
-        for record in records:
-            yield record, fn(record)
-        return
-    records = iter(records)
-    chunks = iter(lambda: list(islice(records, CHUNK)), [])
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (fn,)) as pool:
-        while window := list(islice(chunks, 4 * workers)):
-            for chunk, results in zip(window, pool.map(_apply_in_worker, window)):
-                yield from zip(chunk, results)
+class Workers:
+    """Where the per-document work runs: this process (1 worker), a pool of worker processes, or a Dask cluster
+    (`cluster`: "local" starts one on this machine with `count` worker processes; else a scheduler's address).
+    Only the work on each document goes out: deciding what stays needs every document's result, in order,
+    and happens here."""
+
+    def __init__(self, count: int, cluster: str | None = None):
+        self.count, self.cluster, self.client = count, cluster, None
+
+    def __enter__(self) -> Workers:
+        if self.cluster:
+            try:
+                from distributed import Client, LocalCluster
+            except ImportError:
+                raise MtnlgError("--cluster needs Dask: pip install 'mtnlg[cluster]'") from None
+            if self.cluster == "local":
+                self.client = Client(LocalCluster(n_workers=self.count, threads_per_worker=1, processes=True,
+                                                  dashboard_address=None))
+            else:
+                try:
+                    self.client = Client(self.cluster, timeout=30)
+                except OSError as e:
+                    raise MtnlgError(f"--cluster {self.cluster}: no Dask scheduler answers there ({e})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.client is not None:
+            cluster = self.client.cluster
+            self.client.close()
+            if cluster is not None and self.cluster == "local":
+                cluster.close()
+
+    def map(self, fn: Callable[[dict], Any], records: Iterable[dict]) -> Iterator[tuple[dict, Any]]:
+        """(record, fn(record)) in order; a few chunks per worker are in flight at a time, so memory stays
+        bounded."""
+        if self.client is None and self.count == 1:
+            for record in records:
+                yield record, fn(record)
+            return
+        records = iter(records)
+        chunks = iter(lambda: list(islice(records, CHUNK)), [])
+        if self.client is not None:
+            shared = self.client.scatter(fn, broadcast=True, hash=False)  # sent once, not with every chunk
+            width = 4 * max(1, len(self.client.scheduler_info()["workers"]))
+            while window := list(islice(chunks, width)):
+                futures = self.client.map(_apply, [shared] * len(window), window, pure=False)
+                for chunk, results in zip(window, self.client.gather(futures)):
+                    yield from zip(chunk, results)
+            return
+        with multiprocessing.get_context("spawn").Pool(self.count, _init_worker, (fn,)) as pool:
+            while window := list(islice(chunks, 4 * self.count)):
+                for chunk, results in zip(window, pool.map(_apply_in_worker, window)):
+                    yield from zip(chunk, results)
+
+
+def _apply(fn: Callable[[dict], Any], chunk: list[dict]) -> list[Any]:
+    return [fn(record) for record in chunk]
 
 
 _worker_fn: Callable[[dict], Any] | None = None
 
 
 def _init_worker(fn: Callable[[dict], Any]) -> None:
-    """Each worker gets the function (and what it holds: task n-grams, thresholds) once, not per chunk."""
+    """Each pool worker gets the function (and what it holds: task n-grams, thresholds) once, not per chunk."""
     global _worker_fn
     _worker_fn = fn
 
 
 def _apply_in_worker(chunk: list[dict]) -> list[Any]:
-    return [_worker_fn(record) for record in chunk]
+    return _apply(_worker_fn, chunk)
 
 
 def _write_removed(path: Path, previous: Path, removed: dict[str, str]) -> None:
@@ -209,7 +277,7 @@ def _write_removed(path: Path, previous: Path, removed: dict[str, str]) -> None:
                 out.write(json.dumps({**record, "reason": removed[record["id"]]}, ensure_ascii=False).encode() + b"\n")
 
 
-def _read(options: Options, _: Path | None, stage: Stage) -> Iterator[dict]:
+def _read(options: Options, _: Path | None, stage: Stage, workers: Workers) -> Iterator[dict]:
     for source in options.inputs:
         for file, line, text in read_records(source, options.json_key):
             record = {"text": text, "id": f"{file}:{line}" if line else str(file), "source": str(source)}
@@ -218,10 +286,10 @@ def _read(options: Options, _: Path | None, stage: Stage) -> Iterator[dict]:
             yield record
 
 
-def _exact(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+def _exact(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
     """The first copy stays (inputs in the order given, so an earlier input wins)."""
     first: dict[str, str] = {}
-    for record, digest in _mapped(_fingerprint_text, _counted(_records(previous), stage), options.workers):
+    for record, digest in workers.map(_fingerprint_text, _counted(_records(previous), stage)):
         if digest in first:
             stage.removed[record["id"]] = f"exact duplicate of {first[digest]}"
         else:
@@ -233,10 +301,38 @@ def _fingerprint_text(record: dict) -> str:
     return exact.fingerprint(record["text"])
 
 
-def _quality(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+def _language(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
+    """Label each document with its language; with `languages`, keep only those."""
+    found: Counter = Counter()
+    for record, (code, probability) in workers.map(_identify, _counted(_records(previous), stage)):
+        found[code] += 1
+        if options.languages and code not in options.languages:
+            stage.removed[record["id"]] = f"language {code} (probability {probability})"
+        else:
+            yield {**record, "language": code}
+    stage.details["languages"] = dict(found.most_common())
+
+
+def _identify(record: dict) -> tuple[str, float]:
+    return language.identify(record["text"])
+
+
+def _split_languages(documents: Path, folder: Path) -> None:
+    """One JSONL per language, streamed from the final documents (each file renamed into place when done)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as files, open(documents, "rb") as lines:
+        outs: dict[str, Any] = {}
+        for line in lines:
+            code = json.loads(line)["language"]
+            if code not in outs:
+                outs[code] = files.enter_context(atomic_file(folder / f"{code}.jsonl"))
+            outs[code].write(line)
+
+
+def _quality(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
     failures: Counter = Counter()
     check = partial(_failed_check, thresholds=options.quality)
-    for record, reason in _mapped(check, _counted(_records(previous), stage), options.workers):
+    for record, reason in workers.map(check, _counted(_records(previous), stage)):
         if reason is None:
             yield record
         else:
@@ -249,10 +345,10 @@ def _failed_check(record: dict, thresholds: quality.Thresholds) -> str | None:
     return quality.failed_check(record["text"], thresholds)
 
 
-def _pii(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+def _pii(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
     found: Counter = Counter()
     documents = 0
-    for record, (text, counts) in _mapped(_redact, _counted(_records(previous), stage), options.workers):
+    for record, (text, counts) in workers.map(_redact, _counted(_records(previous), stage)):
         found.update(counts)
         documents += bool(counts)
         yield {**record, "text": text}
@@ -263,7 +359,7 @@ def _redact(record: dict) -> tuple[str, Counter]:
     return pii.redact(record["text"])
 
 
-def _fuzzy(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+def _fuzzy(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
     """Signatures (workers), candidates by band, verified by exact Jaccard, clusters; the document kept in a
     cluster is the one from the earliest input, then the longest, then the first."""
     params = options.minhash
@@ -273,8 +369,7 @@ def _fuzzy(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
           f"similarity ~{params.threshold():.2f}; P(candidate | similarity) {params.s_curve()}", file=sys.stderr)
     ranks, ids, signatures = [], [], []
     priority = {str(p): i for i, p in enumerate(options.inputs)}
-    for record, signature in _mapped(partial(_signature, params=params), _counted(_records(previous), stage),
-                                     options.workers):
+    for record, signature in workers.map(partial(_signature, params=params), _counted(_records(previous), stage)):
         ids.append(record["id"])
         ranks.append((priority.get(record["source"], len(priority)), -len(record["text"]), len(ids)))
         signatures.append(signature)
@@ -314,13 +409,13 @@ def _verified(pairs: list[tuple[int, int]], previous: Path, size: int, threshold
     return {pair: score for pair, score in scores.items() if score >= threshold}
 
 
-def _decontaminate(options: Options, previous: Path, stage: Stage) -> Iterator[dict]:
+def _decontaminate(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
     items = [item for path in options.tasks for item in task_items(path)]
     contamination = Contamination(items, options.rules)
     contamination.count_documents(record["text"] for record in _records(previous))
     hits: dict[str, list[str]] = {}
-    for record, (pieces, found, why) in _mapped(partial(_clean, contamination=contamination),
-                                                _counted(_records(previous), stage), options.workers):
+    for record, (pieces, found, why) in workers.map(partial(_clean, contamination=contamination),
+                                                _counted(_records(previous), stage)):
         if found:
             hits[record["id"]] = found
         if not pieces:
@@ -335,4 +430,4 @@ def _clean(record: dict, contamination: Contamination) -> tuple[list[str], list[
     return contamination.clean(record["text"])
 
 
-RUNNERS = {"exact": _exact, "quality": _quality, "fuzzy": _fuzzy, "decontaminate": _decontaminate, "pii": _pii}
+RUNNERS = {"exact": _exact, "language": _language, "quality": _quality, "fuzzy": _fuzzy, "decontaminate": _decontaminate, "pii": _pii}
