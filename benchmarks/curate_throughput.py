@@ -14,6 +14,7 @@ Rounds alternate; the medians are printed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import statistics
@@ -30,7 +31,7 @@ from mtnlg.hardware import this_cpu
 def run_mtnlg(source: Path, out: Path, workers: int) -> set[int]:
     curate(Options([source], out, stages=("fuzzy",), workers=workers, progress=False))
     lines = (out / "documents.jsonl").read_text().splitlines()
-    return {int(json.loads(line)["id"].rsplit(":", 1)[1]) - 1 for line in lines}  # ids are file:line
+    return {int(json.loads(line)["fields"]["id"][1:]) for line in lines}
 
 
 def run_datatrove(source: Path, out: Path, workers: int) -> set[int]:
@@ -77,11 +78,10 @@ def main() -> None:
     print(f"{len(planted.texts)} documents ({sum(map(len, planted.texts)) / 1e6:.1f} MB), generated in "
           f"{time.perf_counter() - start:.0f} s; MinHash {MinHash().s_curve()}")
     contestants = {"mtnlg": run_mtnlg}
-    try:
-        import datatrove  # noqa: F401
+    if importlib.util.find_spec("datatrove"):
         contestants["datatrove"] = run_datatrove
-    except ImportError:
-        print("skipping datatrove: not installed (pip install datatrove)")
+    else:
+        print("skipping datatrove: not installed (pip install -e '.[bench]')")
     times: dict[str, list[float]] = {name: [] for name in contestants}
     scores = {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -33,6 +33,15 @@ def test_exact_duplicates_differ_only_in_case_spacing_and_punctuation(tmp_path):
     assert exact["removed"][f"{tmp_path / 'a.jsonl'}:2"] == f"exact duplicate of {tmp_path / 'a.jsonl'}:1"
 
 
+def test_the_input_lines_other_fields_come_through(tmp_path):
+    source = tmp_path / "a.jsonl"
+    source.write_text(json.dumps({"content": "Some text.", "url": "https://example.org/1", "meta": {"year": 2020}}) + "\n")
+    curate(Options([source], tmp_path / "out", stages=("exact",), json_key="content", progress=False))
+    [record] = [json.loads(line) for line in (tmp_path / "out/documents.jsonl").read_text().splitlines()]
+    assert record == {"text": "Some text.", "id": f"{source}:1", "source": str(source),
+                      "fields": {"url": "https://example.org/1", "meta": {"year": 2020}}}
+
+
 def test_minhash_estimates_jaccard_and_the_s_curve():
     words = synthetic_documents(1, seed=3)[0].split() * 3
     edited = list(words)
@@ -62,6 +71,28 @@ def test_fuzzy_dedup_finds_planted_near_duplicates(tmp_path):
     assert all("near duplicate of" in reason and "Jaccard" in reason for reason in fuzzy["removed"].values())
 
 
+def test_a_new_batch_is_deduplicated_against_an_earlier_corpus(tmp_path, monkeypatch):
+    planted = planted_corpus(200, seed=4)
+    first, second = planted.texts[:100], planted.texts[100:]
+    curate(Options([write_jsonl(tmp_path / "a.jsonl", first)], tmp_path / "a", stages=("fuzzy",), progress=False))
+    kept_before = kept_lines(tmp_path / "a")
+    copies = [first[i - 1] + " One more sentence at the end." for i in kept_before[:5]]
+    batch = write_jsonl(tmp_path / "b.jsonl", copies + second)
+    signed = []
+    monkeypatch.setattr(pipeline, "_signature", lambda record, params: signed.append(1) or params.signature(record["text"]))
+    report = curate(Options([batch], tmp_path / "b", stages=("fuzzy",), against=[tmp_path / "a"], progress=False))
+    assert len(signed) == len(copies) + len(second)  # the earlier corpus is not signed again
+    removed = report["stages"][1]["removed"]
+    for n in range(1, 6):
+        assert removed[f"{batch}:{n}"].startswith(f"near duplicate of {tmp_path / 'a.jsonl'}:{kept_before[n - 1]} ")
+    alone = curate(Options([write_jsonl(tmp_path / "c.jsonl", second)], tmp_path / "c", stages=("fuzzy",), progress=False))
+    assert len(removed) == 5 + len(alone["stages"][1]["removed"])
+    with pytest.raises(MtnlgError, match="made with --shingle 5 --bands 14 --rows 8 --seed 0; pass the same"):
+        curate(Options([batch], tmp_path / "d", stages=("fuzzy",), against=[tmp_path / "a"], minhash=MinHash(seed=1)))
+    with pytest.raises(MtnlgError, match="no signatures.npz there"):
+        curate(Options([batch], tmp_path / "e", stages=("fuzzy",), against=[tmp_path / "b.jsonl"]))
+
+
 def test_fuzzy_keeps_the_earliest_input_then_the_longest(tmp_path):
     base = " ".join(synthetic_documents(3, seed=5))
     longer = base + " And one more short sentence here."
@@ -69,8 +100,8 @@ def test_fuzzy_keeps_the_earliest_input_then_the_longest(tmp_path):
     second = write_jsonl(tmp_path / "second.jsonl", [longer])
     curate(Options([first, second], tmp_path / "out", stages=("fuzzy",), progress=False))
     assert [json.loads(line)["source"] for line in (tmp_path / "out/documents.jsonl").read_text().splitlines()] == [str(first)]
-    curate(Options([second.parent / "both.jsonl" if False else write_jsonl(tmp_path / "both.jsonl", [base, longer])],
-                   tmp_path / "out2", stages=("fuzzy",), progress=False))
+    curate(Options([write_jsonl(tmp_path / "both.jsonl", [base, longer])], tmp_path / "out2", stages=("fuzzy",),
+                   progress=False))
     assert kept_lines(tmp_path / "out2") == [2]
 
 

@@ -56,7 +56,7 @@ def cmd_curate(args: argparse.Namespace) -> None:
         workers=args.workers, cluster=args.cluster, minhash=MinHash(args.shingle, args.bands, args.rows, args.seed), threshold=args.threshold,
         verify=not args.no_verify, tasks=[Path(p) for p in args.tasks], rules=Rules(), quality=Thresholds.parse(args.quality),
         languages=tuple(code for arg in args.languages for code in arg.split(",") if code),
-        split_languages=args.split_languages, keep_removed=args.keep_removed,
+        split_languages=args.split_languages, against=[Path(p) for p in args.against], keep_removed=args.keep_removed,
     )
     report = curate(options)
     for stage in report["stages"]:
@@ -573,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=int, default=14, help="LSH bands (bands x rows permutations)")
     p.add_argument("--rows", type=int, default=8, help="LSH rows per band")
     p.add_argument("--seed", type=int, default=0, help="of the MinHash permutations")
+    p.add_argument("--against", nargs="+", default=[], metavar="DIR", help="earlier `mtnlg curate` outputs: "
+                   "near duplicates of their documents are removed from these inputs (their saved signatures are "
+                   "used, not recomputed)")
     p.add_argument("--no-verify", action="store_true", help="take LSH candidates as duplicates without checking "
                    "their exact Jaccard (faster, less precise)")
     p.add_argument("--tasks", nargs="+", default=[], help="evaluation task files (JSONL, or text lines) to "

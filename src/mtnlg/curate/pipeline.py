@@ -6,7 +6,8 @@ run continues from the last finished stage; a changed option reruns that stage a
 what a stage needs stays in memory: hashes for exact deduplication, signatures and band keys for fuzzy
 deduplication, the task n-grams for decontamination; the documents stream through.
 
-Out: DIR/documents.jsonl (`{"text", "id", "source"}`, what `mtnlg prepare` reads), DIR/report.json (documents
+Out: DIR/documents.jsonl (`{"text", "id", "source"}` and "fields", the input line's other fields; what
+`mtnlg prepare` reads), DIR/report.json (documents
 and bytes in and out per stage and source, and why each removed document went), and with --keep-removed
 DIR/removed/STAGE.jsonl.
 """
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from mtnlg.curate import exact, language, pii, quality
 from mtnlg.curate.decontaminate import Contamination, Rules, task_items
 from mtnlg.curate.minhash import Clusters, MinHash, candidate_pairs, jaccard, shingles
-from mtnlg.data.prepare import read_records
+from mtnlg.data.prepare import read_with_origin
 from mtnlg.errors import MtnlgError
 from mtnlg.files import atomic_file, jsonl_lines, write_text_atomic
 
@@ -63,6 +64,7 @@ class Options:
     quality: quality.Thresholds = field(default_factory=quality.Thresholds)
     languages: tuple[str, ...] = ()  # the language stage keeps these (ISO 639-1 codes); empty: all, labelled
     split_languages: bool = False  # also write DIR/languages/CODE.jsonl
+    against: list[Path] = field(default_factory=list)  # earlier curate outputs to deduplicate against
     keep_removed: bool = False
     progress: bool = True
 
@@ -89,6 +91,7 @@ class Stage:
 
     name: str
     options: dict[str, Any]
+    path: Path  # where its documents go
     documents_in: Counter = field(default_factory=Counter)  # per source
     bytes_in: Counter = field(default_factory=Counter)
     documents_out: Counter = field(default_factory=Counter)
@@ -135,7 +138,7 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
             summary = json.loads(marker.read_text())["summary"]
             print(f"{name}: done before, kept ({summary['documents_out']} documents)", file=sys.stderr)
         else:
-            stage = Stage(name, stage_options)
+            stage = Stage(name, stage_options, path)
             with atomic_file(path) as out:
                 kept = run(options, previous, stage, workers)
                 for record in _bar(kept, options, name, _count(previous)):
@@ -168,7 +171,8 @@ def _stage_options(name: str, o: Options) -> dict[str, Any]:
         "exact": {},
         "language": {"languages": list(o.languages)},
         "quality": asdict(o.quality),
-        "fuzzy": {**asdict(o.minhash), "threshold": o.threshold, "verify": o.verify},
+        "fuzzy": {**asdict(o.minhash), "threshold": o.threshold, "verify": o.verify,
+                  "against": [_fingerprint(folder / "signatures.npz") for folder in o.against if folder.exists()]},
         "decontaminate": {**asdict(o.rules), "tasks": [_fingerprint(p) for p in o.tasks]},
         "pii": {},
     }[name]
@@ -279,8 +283,10 @@ def _write_removed(path: Path, previous: Path, removed: dict[str, str]) -> None:
 
 def _read(options: Options, _: Path | None, stage: Stage, workers: Workers) -> Iterator[dict]:
     for source in options.inputs:
-        for file, line, text in read_records(source, options.json_key):
+        for file, line, text, fields in read_with_origin(source, options.json_key):
             record = {"text": text, "id": f"{file}:{line}" if line else str(file), "source": str(source)}
+            if fields:
+                record["fields"] = fields  # the line's other fields, carried through
             stage.documents_in[record["source"]] += 1
             stage.bytes_in[record["source"]] += len(text.encode())
             yield record
@@ -361,21 +367,30 @@ def _redact(record: dict) -> tuple[str, Counter]:
 
 def _fuzzy(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
     """Signatures (workers), candidates by band, verified by exact Jaccard, clusters; the document kept in a
-    cluster is the one from the earliest input, then the longest, then the first."""
+    cluster is one of an earlier corpus (`against`) if it has one, else the one from the earliest input, then
+    the longest, then the first. The kept documents' signatures are saved (DIR/signatures.npz), so a later
+    batch can be deduplicated against this corpus without signing it again."""
     params = options.minhash
     stage.details["lsh"] = {"permutations": params.permutations, "threshold_implied": round(params.threshold(), 4),
                             "candidate_probability": params.s_curve()}
     print(f"fuzzy: {params.bands} bands x {params.rows} rows of {params.shingle}-word shingles; candidates from "
           f"similarity ~{params.threshold():.2f}; P(candidate | similarity) {params.s_curve()}", file=sys.stderr)
-    ranks, ids, signatures = [], [], []
+    earlier = [_load_signatures(folder, params) for folder in options.against]
+    ids = [i for corpus in earlier for i in corpus["ids"].tolist()]
+    signatures = [row for corpus in earlier for row in corpus["signatures"]]
+    ranks = [(-1, 0, i) for i in range(len(ids))]  # documents of an earlier corpus always stay
+    old = len(ids)
     priority = {str(p): i for i, p in enumerate(options.inputs)}
     for record, signature in workers.map(partial(_signature, params=params), _counted(_records(previous), stage)):
         ids.append(record["id"])
         ranks.append((priority.get(record["source"], len(priority)), -len(record["text"]), len(ids)))
         signatures.append(signature)
-    pairs = list(candidate_pairs(params, signatures))
-    del signatures
-    similar = _verified(pairs, previous, params.shingle, options.threshold) if options.verify else {p: None for p in pairs}
+    pairs = [(a, b) for a, b in candidate_pairs(params, signatures) if b >= old]  # earlier corpora are deduplicated
+    if options.verify:
+        files = [(folder / str(c["documents"]), len(c["ids"])) for folder, c in zip(options.against, earlier)]
+        similar = _verified(pairs, [*files, (previous, len(ids) - old)], params.shingle, options.threshold)
+    else:
+        similar = dict.fromkeys(pairs)
     clusters, closest = Clusters(), {}
     for (a, b), score in similar.items():
         clusters.union(a, b)
@@ -386,9 +401,15 @@ def _fuzzy(options: Options, previous: Path, stage: Stage, workers: Workers) -> 
         keep = min(members, key=lambda i: ranks[i])
         for i in members:
             if i != keep:
-                removed[i] = f"near duplicate of {ids[keep]} (a cluster of {len(members)}" + (
+                removed[i - old] = f"near duplicate of {ids[keep]} (a cluster of {len(members)}" + (
                     f"; its closest match at Jaccard {closest[i]:.3f})" if options.verify else ")")
-    stage.details.update(candidate_pairs=len(pairs), duplicate_pairs=len(similar), clusters=len(clusters.groups()))
+    stage.details.update(candidate_pairs=len(pairs), duplicate_pairs=len(similar), clusters=len(clusters.groups()),
+                         against={str(f): len(c["ids"]) for f, c in zip(options.against, earlier)})
+    kept = [i for i in range(len(ids) - old) if i not in removed]
+    with atomic_file(options.output / "signatures.npz") as out:
+        np.savez(out, ids=np.array([ids[old + i] for i in kept]), signatures=np.array(signatures[old:])[kept],
+                 params=np.array([params.shingle, params.bands, params.rows, params.seed]),
+                 documents=np.array(f"work/{stage.path.name}"))  # the signed texts, relative to this folder
     for index, record in enumerate(_records(previous)):
         if index in removed:
             stage.removed[record["id"]] = removed[index]
@@ -396,15 +417,35 @@ def _fuzzy(options: Options, previous: Path, stage: Stage, workers: Workers) -> 
             yield record
 
 
+def _load_signatures(folder: Path, params: MinHash) -> Any:
+    path = folder / "signatures.npz"
+    if not path.is_file():
+        raise MtnlgError(f"--against {folder}: no signatures.npz there; pass the folder of an earlier `mtnlg curate` "
+                         "run with the fuzzy stage")
+    corpus = np.load(path)
+    made = corpus["params"].tolist()
+    if made != [params.shingle, params.bands, params.rows, params.seed]:
+        raise MtnlgError(f"--against {folder}: its signatures were made with --shingle {made[0]} --bands {made[1]} "
+                         f"--rows {made[2]} --seed {made[3]}; pass the same to compare with them")
+    return corpus
+
+
 def _signature(record: dict, params: MinHash) -> np.ndarray:
     return params.signature(record["text"])
 
 
-def _verified(pairs: list[tuple[int, int]], previous: Path, size: int, threshold: float) -> dict[tuple[int, int], float]:
-    """The candidate pairs whose exact Jaccard reaches the threshold, with it; only the shingle sets of
-    documents in some pair are held."""
+def _verified(pairs: list[tuple[int, int]], files: list[tuple[Path, int]], size: int,
+              threshold: float) -> dict[tuple[int, int], float]:
+    """The candidate pairs whose exact Jaccard reaches the threshold, with it. Documents are numbered through
+    `files` (path, documents) in order; only the shingle sets of documents in some pair are held."""
     wanted = {i for pair in pairs for i in pair}
-    sets = {i: shingles(r["text"], size) for i, r in enumerate(_records(previous)) if i in wanted}
+    sets, offset = {}, 0
+    for path, count in files:
+        if any(offset <= i < offset + count for i in wanted):
+            for i, record in enumerate(_records(path), offset):
+                if i in wanted:
+                    sets[i] = shingles(record["text"], size)
+        offset += count
     scores = {(a, b): jaccard(sets[a], sets[b]) for a, b in pairs}
     return {pair: score for pair, score in scores.items() if score >= threshold}
 

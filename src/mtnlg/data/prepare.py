@@ -43,13 +43,14 @@ def read_documents(
     A malformed .jsonl line raises, or with on_bad_line="skip" is passed over and its "file:line: reason" is
     appended to `skipped`.
     """
-    return (text for _, _, text in read_records(path, json_key, on_bad_line, skipped))
+    return (text for _, _, text, _ in read_with_origin(path, json_key, on_bad_line, skipped))
 
 
-def read_records(
+def read_with_origin(
     path: Path, json_key: str = "text", on_bad_line: str = "fail", skipped: list[str] | None = None
-) -> Iterator[tuple[Path, int, str]]:
-    """`read_documents`, with where each document came from: (file, line; 0 for a whole .txt file, text)."""
+) -> Iterator[tuple[Path, int, str, dict]]:
+    """`read_documents`, with where each document came from and what else its line holds: (file, line (0 for
+    a whole .txt file), text, the line's other fields)."""
     if on_bad_line not in ("fail", "skip"):
         raise MtnlgError(f"on_bad_line must be 'fail' or 'skip', got {on_bad_line!r}")
     for file in _input_files(Path(path)):
@@ -58,7 +59,7 @@ def read_records(
                 text = file.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise MtnlgError(f"{file}: not UTF-8 text ({e}); convert it to UTF-8") from None
-            yield file, 0, text
+            yield file, 0, text, {}
             continue
         with open(file, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -71,7 +72,7 @@ def read_records(
                 else:
                     text = obj.get(json_key) if isinstance(obj, dict) else None
                     if isinstance(text, str):
-                        yield file, lineno, text
+                        yield file, lineno, text, {k: v for k, v in obj.items() if k != json_key}
                         continue
                     reason = f"no string field {json_key!r}"
                 if on_bad_line == "fail":
