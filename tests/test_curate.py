@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -275,9 +276,34 @@ def test_curate_then_prepare(tmp_path, capsys):
     assert main(["curate", str(source), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "exact" in out and "fuzzy" in out and "wrote" in out
-    assert main(["prepare", str(tmp_path / "out/documents.jsonl"), "--output", str(tmp_path / "data/corpus"),
-                 "--vocab-size", "300"]) == 0
-    assert (tmp_path / "data/corpus_train.bin").exists()
+    kept = json.loads((tmp_path / "out/report.json").read_text())["stages"][-1]["documents_out"]
+    assert main(["prepare", str(tmp_path / "out"), "--output", str(tmp_path / "data/corpus"), "--vocab-size", "300"]) == 0
+    counts = [int(n) for n in re.findall(r"\((\d+) documents", capsys.readouterr().out)]
+    assert sum(counts) == kept  # the folder's documents only, not its work files
+
+
+def test_source_weights_carry_through_to_the_training_blend(tmp_path, capsys):
+    from mtnlg.data.loader import build_dataset, parse_blend
+
+    web = write_jsonl(tmp_path / "web.jsonl", synthetic_documents(40, seed=11))
+    books = write_jsonl(tmp_path / "books.jsonl", synthetic_documents(20, seed=12))
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({str(web): 0.7, str(books): 0.3}))
+    args = ["curate", str(web), str(books), "--output", str(tmp_path / "out"), "--weights", str(weights),
+            "--stages", "exact"]
+    assert main(args) == 0
+    blend = json.loads((tmp_path / "out/blend.json").read_text())
+    assert [(b["weight"], b["documents"], b["count"]) for b in blend] == [(0.7, "sources/0-web.jsonl", 40),
+                                                                         (0.3, "sources/1-books.jsonl", 20)]
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "out"), "--output", str(tmp_path / "data/c"), "--vocab-size", "300"]) == 0
+    assert f"--train.data @{tmp_path / 'data/c'}.blend" in capsys.readouterr().out
+    spec = f"@{tmp_path / 'data/c.blend'}"
+    assert parse_blend(spec) == [(0.7, str(tmp_path / "data/c-0-web")), (0.3, str(tmp_path / "data/c-1-books"))]
+    assert len(build_dataset(spec, "train", 16, 0).datasets) == 2
+    weights.write_text(json.dumps({str(web): 1}))
+    assert main(args) != 0
+    assert "give each input" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -16,23 +17,32 @@ from mtnlg.errors import MtnlgError
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from mtnlg.data.prepare import prepare
+    from mtnlg.data.prepare import curated_blend, prepare
 
     from mtnlg.tokenizer import Tokenizer
 
     output = Path(args.output)
     trained = not args.tokenizer
     tokenizer = _train_tokenizer(args.inputs, args.vocab_size, args.json_key) if trained else Tokenizer.load(args.tokenizer)
-    stats = prepare(
-        args.inputs, output, tokenizer, json_key=args.json_key, val_fraction=args.val_fraction,
-        seed=args.seed, workers=args.workers, on_bad_line=args.on_bad_line,
-    )
+    blend = curated_blend(args.inputs)  # `mtnlg curate --weights` output: one shard per source
+    parts = [(w, files, Path(f"{output}-{name}")) for w, name, files in blend] if blend else [(1.0, args.inputs, output)]
+    for _, inputs, prefix in parts:
+        stats = prepare(
+            inputs, prefix, tokenizer, json_key=args.json_key, val_fraction=args.val_fraction,
+            seed=args.seed, workers=args.workers, on_bad_line=args.on_bad_line,
+        )
+        for shard, split in zip(stats["outputs"], ("train", "val")):
+            print(f"wrote {shard} ({stats[split + '_documents']} documents, {stats[split + '_tokens']:,} tokens)")
+        if stats["skipped_lines"]:
+            print(f"skipped {stats['skipped_lines']} malformed lines")
     if trained:  # only once the shards exist: a failed prepare leaves nothing behind
         print(f"trained a {tokenizer.vocab_size}-token byte-level BPE -> {tokenizer.save(output.parent)}")
-    for prefix, split in zip(stats["outputs"], ("train", "val")):
-        print(f"wrote {prefix} ({stats[split + '_documents']} documents, {stats[split + '_tokens']:,} tokens)")
-    if stats["skipped_lines"]:
-        print(f"skipped {stats['skipped_lines']} malformed lines")
+    if blend:
+        spec = " ".join(f"{w:g} {prefix}" for w, _, prefix in parts)
+        from mtnlg.files import write_text_atomic
+
+        print(f"the sources' weights as a blend -> {write_text_atomic(Path(f'{output}.blend'), spec + chr(10))}; "
+              f"train with --train.data @{output}.blend")
 
 
 def _train_tokenizer(inputs: list[str], vocab_size: int, json_key: str):
@@ -57,12 +67,24 @@ def cmd_curate(args: argparse.Namespace) -> None:
         verify=not args.no_verify, tasks=[Path(p) for p in args.tasks], rules=Rules(), quality=Thresholds.parse(args.quality),
         languages=tuple(code for arg in args.languages for code in arg.split(",") if code),
         split_languages=args.split_languages, against=[Path(p) for p in args.against], keep_removed=args.keep_removed,
+        weights=_weights(args.weights) if args.weights else {},
     )
     report = curate(options)
     for stage in report["stages"]:
         print(f"{stage['stage']:<14} {stage['documents_in']:>9,} -> {stage['documents_out']:>9,} documents, "
               f"{stage['bytes_in']:>12,} -> {stage['bytes_out']:>12,} bytes")
     print(f"wrote {report['output']} and {Path(args.output) / 'report.json'}")
+
+
+def _weights(path: str) -> dict[str, float]:
+    """--weights FILE: a JSON object, each input as given on the command line -> its weight in the blend."""
+    try:
+        weights = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise MtnlgError(f"--weights {path}: not a readable JSON file ({e})") from None
+    if not isinstance(weights, dict) or not all(isinstance(w, (int, float)) for w in weights.values()):
+        raise MtnlgError(f'--weights {path}: expected an object of input -> weight, like {{"web.jsonl": 0.7}}')
+    return {str(k): float(v) for k, v in weights.items()}
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -586,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. en de); without it every document is kept and labelled")
     p.add_argument("--split-languages", action="store_true", help="also write DIR/languages/CODE.jsonl per language")
     p.add_argument("--keep-removed", action="store_true", help="write removed documents to DIR/removed/STAGE.jsonl")
+    p.add_argument("--weights", metavar="FILE", help="JSON of input -> weight: writes each source apart, and "
+                   "`mtnlg prepare DIR` turns them into a weighted training blend")
     p.set_defaults(handler=cmd_curate)
 
     p = verbs.add_parser("tokenizer", help="train a byte-level BPE tokenizer")

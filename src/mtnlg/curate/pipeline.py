@@ -8,8 +8,9 @@ deduplication, the task n-grams for decontamination; the documents stream throug
 
 Out: DIR/documents.jsonl (`{"text", "id", "source"}` and "fields", the input line's other fields; what
 `mtnlg prepare` reads), DIR/report.json (documents
-and bytes in and out per stage and source, and why each removed document went), and with --keep-removed
-DIR/removed/STAGE.jsonl.
+and bytes in and out per stage and source, and why each removed document went); with --keep-removed
+DIR/removed/STAGE.jsonl; with source weights DIR/sources/N-NAME.jsonl and DIR/blend.json, from which
+`mtnlg prepare DIR` writes one shard per source and the training blend.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Options:
     languages: tuple[str, ...] = ()  # the language stage keeps these (ISO 639-1 codes); empty: all, labelled
     split_languages: bool = False  # also write DIR/languages/CODE.jsonl
     against: list[Path] = field(default_factory=list)  # earlier curate outputs to deduplicate against
+    weights: dict[str, float] = field(default_factory=dict)  # input (as given) -> its weight in the training blend
     keep_removed: bool = False
     progress: bool = True
 
@@ -80,6 +82,10 @@ class Options:
             raise MtnlgError("--languages and --split-languages need the language stage: add it to --stages")
         if "decontaminate" in self.stages and not self.tasks:
             raise MtnlgError("decontamination needs the task files: pass --tasks FILE... (or leave the stage out)")
+        unknown = set(self.weights) - {str(p) for p in self.inputs}
+        if self.weights and (unknown or len(self.weights) < len(self.inputs) or min(self.weights.values()) <= 0):
+            raise MtnlgError(f"--weights: give each input ({', '.join(map(str, self.inputs))}) a positive weight"
+                             + (f"; {', '.join(sorted(unknown))} is not an input" if unknown else ""))
         for path in self.inputs:
             if not path.exists():
                 raise MtnlgError(f"{path}: no such file or directory; pass existing .txt/.jsonl files or folders")
@@ -156,7 +162,13 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
         for line in f:
             out.write(line)
     if options.split_languages:
-        _split_languages(final, options.output / "languages")
+        _split(final, options.output / "languages", lambda record: record["language"])
+    if options.weights:
+        names = {str(p): f"{i}-{p.stem}" for i, p in enumerate(options.inputs)}
+        counts = _split(final, options.output / "sources", lambda record: names[record["source"]])
+        blend = [{"source": source, "weight": weight, "documents": f"sources/{names[source]}.jsonl",
+                  "count": counts.get(names[source], 0)} for source, weight in options.weights.items()]
+        write_text_atomic(options.output / "blend.json", json.dumps(blend, indent=1))
     return report, final
 
 
@@ -323,16 +335,19 @@ def _identify(record: dict) -> tuple[str, float]:
     return language.identify(record["text"])
 
 
-def _split_languages(documents: Path, folder: Path) -> None:
-    """One JSONL per language, streamed from the final documents (each file renamed into place when done)."""
+def _split(documents: Path, folder: Path, name: Callable[[dict], str]) -> Counter:
+    """The documents streamed into one JSONL per name (each renamed into place when done); their counts."""
     folder.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
     with ExitStack() as files, open(documents, "rb") as lines:
         outs: dict[str, Any] = {}
         for line in lines:
-            code = json.loads(line)["language"]
-            if code not in outs:
-                outs[code] = files.enter_context(atomic_file(folder / f"{code}.jsonl"))
-            outs[code].write(line)
+            key = name(json.loads(line))
+            if key not in outs:
+                outs[key] = files.enter_context(atomic_file(folder / f"{key}.jsonl"))
+            outs[key].write(line)
+            counts[key] += 1
+    return counts
 
 
 def _quality(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:

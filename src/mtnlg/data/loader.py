@@ -5,6 +5,7 @@ number of samples consumed.
 """
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -71,7 +72,13 @@ class BlendedDataset:
 
 
 def parse_blend(spec: str) -> list[tuple[float, str]]:
-    """ "0.7 path_a 0.3 path_b" -> [(0.7, "path_a"), (0.3, "path_b")]; a lone "path" -> [(1.0, "path")]."""
+    """ "0.7 path_a 0.3 path_b" -> [(0.7, "path_a"), (0.3, "path_b")]; a lone "path" -> [(1.0, "path")];
+    "@FILE" -> the blend written in FILE (as `mtnlg prepare` writes one for curated sources)."""
+    if spec.startswith("@"):
+        try:
+            spec = Path(spec[1:]).read_text()
+        except OSError as e:
+            raise MtnlgError(f"data blend {spec}: cannot read it ({e.strerror}); pass the .blend file prepare wrote") from None
     parts = spec.split()
     if len(parts) == 1:
         return [(1.0, parts[0])]

@@ -22,7 +22,10 @@ CHUNK = 64  # documents per tokenization task
 
 
 def _input_files(path: Path) -> list[Path]:
-    """The files behind one input: itself, or every .txt/.jsonl below a directory, in sorted order."""
+    """The files behind one input: itself, the documents of a `mtnlg curate` output folder, or every
+    .txt/.jsonl below a directory, in sorted order."""
+    if _is_curated(path):
+        return [path / "documents.jsonl"]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
@@ -33,6 +36,19 @@ def _input_files(path: Path) -> list[Path]:
     if path.suffix not in SUFFIXES:
         raise MtnlgError(f"{path}: unsupported file type {path.suffix!r}; pass .txt or .jsonl files")
     return [path]
+
+
+def _is_curated(path: Path) -> bool:
+    return (path / "report.json").is_file() and (path / "documents.jsonl").is_file()
+
+
+def curated_blend(inputs: Sequence[str | Path]) -> list[tuple[float, str, list[Path]]]:
+    """(weight, name, files) per source of a `mtnlg curate --weights` output folder given alone; else empty."""
+    if len(inputs) != 1 or not _is_curated(Path(inputs[0])) or not (Path(inputs[0]) / "blend.json").is_file():
+        return []
+    folder = Path(inputs[0])
+    return [(s["weight"], Path(s["documents"]).stem, [folder / s["documents"]])
+            for s in json.loads((folder / "blend.json").read_text())]
 
 
 def read_documents(
