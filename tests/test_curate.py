@@ -161,13 +161,24 @@ GOOD = ("The committee met on Tuesday to review the budget, and the members agre
     ("\n".join(f"{a}. {b} ..." for a, b in zip(SENTENCES[::2], SENTENCES[1::2])), "max_ellipsis_lines"),
     (" ".join(["alpha beta gamma delta"] * 30), "min_stop_words"),
     (GOOD + "\n" + "\n".join(["Click here to subscribe to the newsletter and the offers."] * 30), "max_duplicate_lines"),
+    (GOOD + " " + " ".join(f"{i:06d}" for i in range(200)), "min_alpha_words"),
     (GOOD + " " + "the best of the best of the best " * 20, "max_top_2gram"),
+    (GOOD + " " + " ".join(SENTENCES[:6]) * 3, "max_duplicate_5gram"),
     (GOOD + " function f(x) { return x; } " * 2, "max_curly_brackets"),
     (GOOD + " Lorem ipsum dolor sit amet.", "lorem_ipsum"),
 ])
 def test_each_quality_check_on_a_crafted_document(text, check):
     assert failed_check(GOOD, Thresholds()) is None
     assert failed_check(text, Thresholds()).split(" ")[0] == check
+
+
+def test_the_other_quality_checks_by_their_thresholds():
+    """Checks that real text rarely trips at the papers' values, each tripped by tightening its threshold."""
+    for name, value in [("max_words", 20), ("min_mean_word_length", 8.0), ("max_mean_word_length", 3.0),
+                        ("max_top_3gram", 0.001), ("max_top_4gram", 0.001), ("max_duplicate_10gram", 0.0)]:
+        text = GOOD + " " + GOOD if name == "max_duplicate_10gram" else GOOD
+        thresholds = Thresholds(**{**{"max_duplicate_5gram": 1.0, "max_duplicate_lines": 1.0}, name: value})
+        assert failed_check(text, thresholds).split(" ")[0] == name
 
 
 def test_quality_thresholds_are_configurable_and_reported(tmp_path):

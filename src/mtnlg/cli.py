@@ -54,7 +54,6 @@ def _train_tokenizer(inputs: list[str], vocab_size: int, json_key: str):
 
 def cmd_curate(args: argparse.Namespace) -> None:
     """Clean pretraining text before `prepare`: dedup, decontamination, quality, PII (mtnlg.curate)."""
-    from mtnlg.curate.decontaminate import Rules
     from mtnlg.curate.minhash import MinHash
     from mtnlg.curate.pipeline import Options, curate, default_stages
     from mtnlg.curate.quality import Thresholds
@@ -63,8 +62,9 @@ def cmd_curate(args: argparse.Namespace) -> None:
         languages=bool(args.languages or args.split_languages), tasks=bool(args.tasks))
     options = Options(
         inputs=[Path(p) for p in args.inputs], output=Path(args.output), stages=stages, json_key=args.json_key,
-        workers=args.workers, cluster=args.cluster, minhash=MinHash(args.shingle, args.bands, args.rows, args.seed), threshold=args.threshold,
-        verify=not args.no_verify, tasks=[Path(p) for p in args.tasks], rules=Rules(), quality=Thresholds.parse(args.quality),
+        workers=args.workers, cluster=args.cluster, minhash=MinHash(args.shingle, args.bands, args.rows, args.seed),
+        threshold=args.threshold, verify=not args.no_verify, tasks=[Path(p) for p in args.tasks],
+        quality=Thresholds.parse(args.quality),
         languages=tuple(code for arg in args.languages for code in arg.split(",") if code),
         split_languages=args.split_languages, against=[Path(p) for p in args.against], keep_removed=args.keep_removed,
         weights=_weights(args.weights) if args.weights else {},

@@ -38,6 +38,7 @@ from mtnlg.errors import MtnlgError
 from mtnlg.files import atomic_file, jsonl_lines, write_text_atomic
 
 STAGES = ("exact", "language", "quality", "fuzzy", "decontaminate", "pii")
+CHUNK = 256  # documents per task sent to a worker
 
 
 def default_stages(languages: bool = False, tasks: bool = False) -> tuple[str, ...]:
@@ -46,7 +47,6 @@ def default_stages(languages: bool = False, tasks: bool = False) -> tuple[str, .
     which changes the text)."""
     return ("exact", *(("language",) if languages else ()), "quality", "fuzzy", *(("decontaminate",) if tasks else ()),
             "pii")
-CHUNK = 256  # documents per task sent to a worker
 
 
 @dataclass
@@ -122,7 +122,7 @@ def curate(options: Options) -> dict[str, Any]:
     options.check()
     work = options.output / "work"
     work.mkdir(parents=True, exist_ok=True)
-    read_options = {"inputs": [_fingerprint(p) for p in options.inputs], "json_key": options.json_key}
+    read_options = {"inputs": [_file_state(p) for p in options.inputs], "json_key": options.json_key}
     steps: list[tuple[str, dict, Callable]] = [("read", read_options, _read)]
     for name in options.stages:
         steps.append((name, _stage_options(name, options), RUNNERS[name]))
@@ -172,7 +172,7 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
     return report, final
 
 
-def _fingerprint(path: Path) -> dict[str, Any]:
+def _file_state(path: Path) -> dict[str, Any]:
     """An input as the read stage's marker remembers it: a changed file reads again."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {"path": str(path), "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
@@ -184,8 +184,8 @@ def _stage_options(name: str, o: Options) -> dict[str, Any]:
         "language": {"languages": list(o.languages)},
         "quality": asdict(o.quality),
         "fuzzy": {**asdict(o.minhash), "threshold": o.threshold, "verify": o.verify,
-                  "against": [_fingerprint(folder / "signatures.npz") for folder in o.against if folder.exists()]},
-        "decontaminate": {**asdict(o.rules), "tasks": [_fingerprint(p) for p in o.tasks]},
+                  "against": [_file_state(folder / "signatures.npz") for folder in o.against if folder.exists()]},
+        "decontaminate": {**asdict(o.rules), "tasks": [_file_state(p) for p in o.tasks]},
         "pii": {},
     }[name]
 
@@ -486,4 +486,5 @@ def _clean(record: dict, contamination: Contamination) -> tuple[list[str], list[
     return contamination.clean(record["text"])
 
 
-RUNNERS = {"exact": _exact, "language": _language, "quality": _quality, "fuzzy": _fuzzy, "decontaminate": _decontaminate, "pii": _pii}
+RUNNERS = {"exact": _exact, "language": _language, "quality": _quality, "fuzzy": _fuzzy,
+           "decontaminate": _decontaminate, "pii": _pii}

@@ -1,8 +1,9 @@
 """A corpus with planted near duplicates of known similarity, to measure fuzzy deduplication (tests, benchmark).
 
-Documents are sentences of Zipf-distributed words, English function words the most frequent. A share of them get edited copies: a number of words
-replaced at random, so the copies' Jaccard similarity to the original (over the same shingles as the
-deduplication) spreads from ~0.5 to ~0.95. The truth is every pair's exact Jaccard within a cluster.
+Documents are sentences of Zipf-distributed words, English function words the most frequent. A share of
+them get edited copies: a number of words replaced at random, so the copies' Jaccard similarity to the
+original (over the same shingles as the deduplication) spreads from ~0.2 to ~1.0. The truth is every pair's
+exact Jaccard within a cluster.
 """
 
 from __future__ import annotations
