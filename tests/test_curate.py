@@ -317,6 +317,15 @@ def test_source_weights_carry_through_to_the_training_blend(tmp_path, capsys):
     assert "give each input" in capsys.readouterr().err
 
 
+def test_malformed_lines_can_be_skipped_and_are_reported(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n{"other": 1}\n')
+    report = curate(Options([tmp_path / "bad.jsonl"], tmp_path / "out", stages=("exact",), on_bad_line="skip",
+                            progress=False))
+    assert report["stages"][0]["documents_out"] == 1
+    assert [line.split(": ")[0] for line in report["stages"][0]["skipped_lines"]] == [f"{tmp_path}/bad.jsonl:2",
+                                                                                       f"{tmp_path}/bad.jsonl:3"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.jsonl"], "missing.jsonl: no such file or directory"),
     (["BAD", "--threshold", "1.5"], "--threshold 1.5 must be in (0, 1]"),

@@ -62,6 +62,7 @@ def cmd_curate(args: argparse.Namespace) -> None:
         languages=bool(args.languages or args.split_languages), tasks=bool(args.tasks))
     options = Options(
         inputs=[Path(p) for p in args.inputs], output=Path(args.output), stages=stages, json_key=args.json_key,
+        on_bad_line=args.on_bad_line,
         workers=args.workers, cluster=args.cluster, minhash=MinHash(args.shingle, args.bands, args.rows, args.seed),
         threshold=args.threshold, verify=not args.no_verify, tasks=[Path(p) for p in args.tasks],
         quality=Thresholds.parse(args.quality),
@@ -587,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "exact quality fuzzy pii, with language after exact when languages are asked for and "
                    "decontaminate before pii when --tasks is given)")
     p.add_argument("--json-key", default="text", help="the field holding the text in .jsonl lines")
+    p.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail", help="malformed jsonl lines (skipped "
+                   "ones are listed in the report)")
     p.add_argument("--workers", type=int, default=1, help="processes for the per-document work")
     p.add_argument("--cluster", help="run the per-document work on a Dask cluster: its scheduler's address "
                    "(tcp://host:8786), or 'local' for one of --workers processes on this machine (docs/curate.md)")

@@ -55,6 +55,7 @@ class Options:
     output: Path
     stages: tuple[str, ...] = default_stages()
     json_key: str = "text"
+    on_bad_line: str = "fail"  # or "skip" (counted in the report), as `mtnlg prepare`
     workers: int = 1
     cluster: str | None = None  # a Dask scheduler's address, or "local" (see Workers)
     minhash: MinHash = field(default_factory=MinHash)
@@ -122,7 +123,8 @@ def curate(options: Options) -> dict[str, Any]:
     options.check()
     work = options.output / "work"
     work.mkdir(parents=True, exist_ok=True)
-    read_options = {"inputs": [_file_state(p) for p in options.inputs], "json_key": options.json_key}
+    read_options = {"inputs": [_file_state(p) for p in options.inputs], "json_key": options.json_key,
+                    "on_bad_line": options.on_bad_line}
     steps: list[tuple[str, dict, Callable]] = [("read", read_options, _read)]
     for name in options.stages:
         steps.append((name, _stage_options(name, options), RUNNERS[name]))
@@ -294,8 +296,10 @@ def _write_removed(path: Path, previous: Path, removed: dict[str, str]) -> None:
 
 
 def _read(options: Options, _: Path | None, stage: Stage, workers: Workers) -> Iterator[dict]:
+    skipped: list[str] = []
+    stage.details["skipped_lines"] = skipped  # with on_bad_line "skip": "file:line: reason" of each
     for source in options.inputs:
-        for file, line, text, fields in read_with_origin(source, options.json_key):
+        for file, line, text, fields in read_with_origin(source, options.json_key, options.on_bad_line, skipped):
             record = {"text": text, "id": f"{file}:{line}" if line else str(file), "source": str(source)}
             if fields:
                 record["fields"] = fields  # the line's other fields, carried through
