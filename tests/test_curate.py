@@ -150,7 +150,7 @@ def test_decontaminate_stage_reports_hits_and_splits(tmp_path):
 
 SENTENCES = [s for doc in synthetic_documents(8, seed=9) for s in doc.split(". ")]
 GOOD = ("The committee met on Tuesday to review the budget, and the members agreed that the new plan would have "
-        "to be presented to the board with a clear timeline. ") * 1 + " ".join(synthetic_documents(4, seed=9))
+        "to be presented to the board with a clear timeline. " + " ".join(synthetic_documents(4, seed=9)))
 
 
 @pytest.mark.parametrize("text, check", [

@@ -18,7 +18,7 @@ from mtnlg.errors import MtnlgError
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from mtnlg.data.prepare import curated_blend, prepare
-
+    from mtnlg.files import write_text_atomic
     from mtnlg.tokenizer import Tokenizer
 
     output = Path(args.output)
@@ -38,10 +38,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if trained:  # only once the shards exist: a failed prepare leaves nothing behind
         print(f"trained a {tokenizer.vocab_size}-token byte-level BPE -> {tokenizer.save(output.parent)}")
     if blend:
-        spec = " ".join(f"{w:g} {prefix}" for w, _, prefix in parts)
-        from mtnlg.files import write_text_atomic
-
-        print(f"the sources' weights as a blend -> {write_text_atomic(Path(f'{output}.blend'), spec + chr(10))}; "
+        spec = " ".join(f"{w:g} {prefix}" for w, _, prefix in parts) + "\n"
+        print(f"the sources' weights as a blend -> {write_text_atomic(Path(f'{output}.blend'), spec)}; "
               f"train with --train.data @{output}.blend")
 
 

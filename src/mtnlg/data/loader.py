@@ -78,7 +78,8 @@ def parse_blend(spec: str) -> list[tuple[float, str]]:
         try:
             spec = Path(spec[1:]).read_text()
         except OSError as e:
-            raise MtnlgError(f"data blend {spec}: cannot read it ({e.strerror}); pass the .blend file prepare wrote") from None
+            raise MtnlgError(f"data blend {spec}: cannot read it ({e.strerror}); pass the .blend file that prepare "
+                             "wrote") from None
     parts = spec.split()
     if len(parts) == 1:
         return [(1.0, parts[0])]
