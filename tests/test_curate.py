@@ -1,5 +1,8 @@
 import json
 import re
+import subprocess
+import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -55,7 +58,11 @@ def test_minhash_estimates_jaccard_and_the_s_curve():
     default = MinHash()
     assert default.permutations == 112 and abs(default.threshold() - 0.719) < 1e-3
     assert default.candidate_probability(0.85) > 0.98 and default.candidate_probability(0.5) < 0.06
-    assert (default.signature(a) == MinHash().signature(a)).all()  # a fixed seed: runs repeat
+    other_process = subprocess.run([sys.executable, "-c", "import sys; from mtnlg.curate.minhash import MinHash; "
+                                    "print(MinHash().signature(sys.argv[1]).tolist())", a],
+                                   capture_output=True, text=True, check=True).stdout
+    assert json.loads(other_process) == default.signature(a).tolist()  # a fixed seed: runs repeat, across processes
+    assert MinHash(bands=300, rows=1).band_keys(default.signature(a)[:1].repeat(300))  # more than 255 bands
 
 
 def test_fuzzy_dedup_finds_planted_near_duplicates(tmp_path):
@@ -92,6 +99,10 @@ def test_a_new_batch_is_deduplicated_against_an_earlier_corpus(tmp_path, monkeyp
         curate(Options([batch], tmp_path / "d", stages=("fuzzy",), against=[tmp_path / "a"], minhash=MinHash(seed=1)))
     with pytest.raises(MtnlgError, match="no signatures.npz there"):
         curate(Options([batch], tmp_path / "e", stages=("fuzzy",), against=[tmp_path / "b.jsonl"]))
+    for stage_file in (tmp_path / "a/work").glob("*-fuzzy.jsonl"):
+        stage_file.unlink()
+    with pytest.raises(MtnlgError, match="is gone; keep the work/ folder"):
+        curate(Options([batch], tmp_path / "f", stages=("fuzzy",), against=[tmp_path / "a"]))
 
 
 def test_fuzzy_keeps_the_earliest_input_then_the_longest(tmp_path):
@@ -100,7 +111,8 @@ def test_fuzzy_keeps_the_earliest_input_then_the_longest(tmp_path):
     first = write_jsonl(tmp_path / "first.jsonl", [base])
     second = write_jsonl(tmp_path / "second.jsonl", [longer])
     curate(Options([first, second], tmp_path / "out", stages=("fuzzy",), progress=False))
-    assert [json.loads(line)["source"] for line in (tmp_path / "out/documents.jsonl").read_text().splitlines()] == [str(first)]
+    lines = (tmp_path / "out/documents.jsonl").read_text().splitlines()
+    assert [json.loads(line)["source"] for line in lines] == [str(first)]
     curate(Options([write_jsonl(tmp_path / "both.jsonl", [base, longer])], tmp_path / "out2", stages=("fuzzy",),
                    progress=False))
     assert kept_lines(tmp_path / "out2") == [2]
@@ -135,6 +147,15 @@ def test_decontamination_rules_whole_short_items_splits_and_common_ngrams(tmp_pa
     assert pieces == [] and items == ["t:1"] and "more than 10" in why
     contamination.count_documents([item] * (rules.max_documents + 1))  # in 11 documents: too common
     assert contamination.clean(words(100) + " " + item)[0] == [words(100) + " " + item]
+
+
+def test_decontamination_matches_through_unicode_forms_and_cuts_in_place():
+    item = "İstanbul x² " + words(11, 40)  # "İ".lower() is two characters; "²" is "2" under NFKC
+    contamination = Contamination([("t:1", "İSTANBUL x2 " + words(11, 40))])
+    document = words(100) + " " + item + " " + words(100, 800)
+    pieces, items, _ = contamination.clean(document)
+    end = document.rindex(" word50") + len(" word50")
+    assert items == ["t:1"] and pieces == [document[: document.index("İ") - 200], document[end + 200 :]]
 
 
 def test_decontaminate_stage_reports_hits_and_splits(tmp_path):
@@ -187,8 +208,8 @@ def test_quality_thresholds_are_configurable_and_reported(tmp_path):
     assert report["stages"][1]["failed_checks"] == {"min_words": 1}
     assert report["stages"][1]["options"]["min_words"] == 50
     relaxed = curate(Options([source], tmp_path / "out2", stages=("quality",), progress=False,
-                             quality=Thresholds.parse(["min_words=3", "min_stop_words=0", "max_top_2gram=1", "max_top_3gram=1",
-                                                       "max_top_4gram=1"])))
+                             quality=Thresholds.parse(["min_words=3", "min_stop_words=0", "max_top_2gram=1",
+                                                       "max_top_3gram=1", "max_top_4gram=1"])))
     assert relaxed["stages"][1]["documents_out"] == 2
     with pytest.raises(MtnlgError, match="expected NAME=VALUE"):
         Thresholds.parse(["min_wordz=3"])
@@ -204,6 +225,7 @@ def test_pii_redaction_with_counts(tmp_path):
     assert counts == {"email": 2, "phone": 2, "ip_address": 2, "card_number": 1}
     assert "<EMAIL> or <EMAIL>" in redacted and "<IP_ADDRESS> and <IP_ADDRESS>" in redacted
     assert "version 1.2.3, 999.1.1.1, 12:30:45, the year 2024, order 12345, card 4111 1111 1111 1112." in redacted
+    assert pii.redact("f :: Int -> Int") == ("f :: Int -> Int", {})
     source = write_jsonl(tmp_path / "in.jsonl", [text, "nothing here"])
     report = curate(Options([source], tmp_path / "out", stages=("pii",), progress=False))
     assert report["stages"][1]["redacted"] == {"email": 2, "ip_address": 2, "card_number": 1, "phone": 2, "documents": 1}
@@ -220,7 +242,8 @@ def test_resume_after_a_kill_between_stages_gives_the_uninterrupted_output(tmp_p
     stages = ("exact", "quality", "fuzzy", "pii")
     curate(Options([source], tmp_path / "whole", stages=stages, progress=False))
 
-    def killed(*args):
+    def killed(options, previous, stage, workers):  # dies after writing some of its documents
+        yield from islice(pipeline._records(previous), 50)
         raise KeyboardInterrupt
 
     monkeypatch.setitem(pipeline.RUNNERS, "fuzzy", killed)
@@ -315,6 +338,15 @@ def test_source_weights_carry_through_to_the_training_blend(tmp_path, capsys):
     weights.write_text(json.dumps({str(web): 1}))
     assert main(args) != 0
     assert "give each input" in capsys.readouterr().err
+    weights.write_text(json.dumps({f"{tmp_path}/./web.jsonl": 2, str(books): 1}))  # a key as the user typed it
+    copy = write_jsonl(tmp_path / "copy.jsonl", synthetic_documents(20, seed=12))  # all exact duplicates of books
+    weights.write_text(json.dumps({f"{tmp_path}/./web.jsonl": 2, str(books): 1, str(copy): 1}))
+    assert main(["curate", f"{tmp_path}/./web.jsonl", str(books), str(copy), "--output", str(tmp_path / "out"),
+                 "--weights", str(weights), "--stages", "exact"]) == 0
+    assert "copy.jsonl: no documents left, so it is not in the blend" in capsys.readouterr().err
+    assert [b["count"] for b in json.loads((tmp_path / "out/blend.json").read_text())] == [40, 20]
+    assert main(["curate", str(web), "--output", str(tmp_path / "out"), "--stages", "exact"]) == 0
+    assert not (tmp_path / "out/blend.json").exists() and not (tmp_path / "out/sources").exists()  # no stale blend
 
 
 def test_malformed_lines_can_be_skipped_and_are_reported(tmp_path):
@@ -334,6 +366,8 @@ def test_malformed_lines_can_be_skipped_and_are_reported(tmp_path):
     (["BAD", "--stages", "decontaminate"], "decontamination needs the task files"),
     (["BAD", "--quality", "min_words"], "expected NAME=VALUE"),
     (["BAD", "--languages", "en", "--stages", "exact"], "need the language stage"),
+    (["BAD", "--against", "x", "--stages", "exact"], "it needs the fuzzy stage"),
+    (["BAD", "--tasks", "t.txt", "--stages", "exact"], "add decontaminate to --stages"),
 ])
 def test_user_mistakes_get_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -57,7 +57,8 @@ class MinHash:
         return (((hashes[:, None] ^ keys[None]) * odd[None]) >> np.uint64(32)).min(axis=0)
 
     def band_keys(self, signature: np.ndarray) -> list[bytes]:
-        return [bytes([band]) + signature[band * self.rows : (band + 1) * self.rows].tobytes() for band in range(self.bands)]
+        return [band.to_bytes(4, "little") + signature[band * self.rows : (band + 1) * self.rows].tobytes()
+                for band in range(self.bands)]
 
 
 def shingles(text: str, size: int) -> np.ndarray:
@@ -78,17 +79,24 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return common / (a.size + b.size - common)
 
 
+BUCKET_PAIRS = 16  # a document pairs with up to this many earlier documents of each bucket
+
+
 def candidate_pairs(params: MinHash, signatures: Iterable[np.ndarray]) -> Iterator[tuple[int, int]]:
-    """Pairs (i, j), i < j, of documents sharing a band; each document pairs with the first that had its band
-    key (chains through the first connect the rest)."""
-    buckets: dict[bytes, int] = {}
+    """Pairs (i, j), i < j, of documents sharing a band. Each document pairs with the first BUCKET_PAIRS
+    documents of its bucket, not just the first: when candidates are verified, a first document unlike the
+    others must not keep two true duplicates behind it from meeting."""
+    buckets: dict[bytes, list[int]] = {}
     seen: set[tuple[int, int]] = set()
     for index, signature in enumerate(signatures):
         for key in params.band_keys(signature):
-            first = buckets.setdefault(key, index)
-            if first != index and (first, index) not in seen:
-                seen.add((first, index))
-                yield first, index
+            members = buckets.setdefault(key, [])
+            for earlier in members:
+                if (earlier, index) not in seen:
+                    seen.add((earlier, index))
+                    yield earlier, index
+            if len(members) < BUCKET_PAIRS:
+                members.append(index)
 
 
 class Clusters:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -71,6 +72,9 @@ class Options:
     keep_removed: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.weights = {str(Path(source)): w for source, w in self.weights.items()}  # "books/" names input books/
+
     def check(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
@@ -83,6 +87,10 @@ class Options:
             raise MtnlgError("--languages and --split-languages need the language stage: add it to --stages")
         if "decontaminate" in self.stages and not self.tasks:
             raise MtnlgError("decontamination needs the task files: pass --tasks FILE... (or leave the stage out)")
+        if self.against and "fuzzy" not in self.stages:
+            raise MtnlgError("--against compares near duplicates: it needs the fuzzy stage in --stages")
+        if self.tasks and "decontaminate" not in self.stages:
+            raise MtnlgError("--tasks are for decontamination: add decontaminate to --stages (or drop --tasks)")
         unknown = set(self.weights) - {str(p) for p in self.inputs}
         if self.weights and (unknown or len(self.weights) < len(self.inputs) or min(self.weights.values()) <= 0):
             raise MtnlgError(f"--weights: give each input ({', '.join(map(str, self.inputs))}) a positive weight"
@@ -138,6 +146,12 @@ def curate(options: Options) -> dict[str, Any]:
 def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Workers) -> tuple[list[dict], Path]:
     """Each stage whose marker does not match, in order; returns the stages' summaries and the last file."""
     work = options.output / "work"
+    for derived in ("removed", "languages", "sources", "blend.json"):  # what an earlier run with other options left
+        path = options.output / derived
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     report, previous, upstream = [], None, ""
     for number, (name, stage_options, run) in enumerate(steps):
         path, marker = work / f"{number:02d}-{name}.jsonl", work / f"{number:02d}-{name}.done.json"
@@ -155,8 +169,8 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
                     out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
             summary = stage.summary()
             write_text_atomic(marker, json.dumps({"key": key, "summary": summary}))
-            if options.keep_removed and stage.removed and previous is not None:
-                _write_removed(options.output / "removed" / f"{name}.jsonl", previous, stage.removed)
+        if options.keep_removed and summary["removed"] and previous is not None:
+            _write_removed(options.output / "removed" / f"{name}.jsonl", previous, summary["removed"])
         report.append(summary)
         previous, upstream = path, key
     final = options.output / "documents.jsonl"
@@ -168,8 +182,10 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
     if options.weights:
         names = {str(p): f"{i}-{p.stem}" for i, p in enumerate(options.inputs)}
         counts = _split(final, options.output / "sources", lambda record: names[record["source"]])
+        for source in [s for s in options.weights if not counts[names[s]]]:
+            print(f"{source}: no documents left, so it is not in the blend", file=sys.stderr)
         blend = [{"source": source, "weight": weight, "documents": f"sources/{names[source]}.jsonl",
-                  "count": counts.get(names[source], 0)} for source, weight in options.weights.items()]
+                  "count": counts[names[source]]} for source, weight in options.weights.items() if counts[names[source]]]
         write_text_atomic(options.output / "blend.json", json.dumps(blend, indent=1))
     return report, final
 
@@ -442,6 +458,9 @@ def _load_signatures(folder: Path, params: MinHash) -> Any:
         raise MtnlgError(f"--against {folder}: no signatures.npz there; pass the folder of an earlier `mtnlg curate` "
                          "run with the fuzzy stage")
     corpus = np.load(path)
+    if not (folder / str(corpus["documents"])).is_file():
+        raise MtnlgError(f"--against {folder}: {corpus['documents']} (the texts its signatures were made from) is "
+                         "gone; keep the work/ folder of a corpus you compare against")
     made = corpus["params"].tolist()
     if made != [params.shingle, params.bands, params.rows, params.seed]:
         raise MtnlgError(f"--against {folder}: its signatures were made with --shingle {made[0]} --bands {made[1]} "

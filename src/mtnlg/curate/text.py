@@ -14,11 +14,11 @@ def normalize(text: str) -> str:
 
 
 def words(text: str) -> list[str]:
-    return WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    return word_spans(text)[0]
 
 
 def word_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """Lowercased words and their (start, end) character offsets in `text` (offsets need the text unchanged,
-    so no NFKC here)."""
-    found = list(WORD.finditer(text.lower()))
-    return [m.group() for m in found], [m.span() for m in found]
+    """The words (each NFKC-normalized and lowercased on its own, so that their offsets stay those of `text`)
+    and their (start, end) character offsets in `text`."""
+    found = list(WORD.finditer(text))
+    return [unicodedata.normalize("NFKC", m.group()).lower() for m in found], [m.span() for m in found]

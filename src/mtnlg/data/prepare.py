@@ -26,6 +26,9 @@ def _input_files(path: Path) -> list[Path]:
     .txt/.jsonl below a directory, in sorted order."""
     if _is_curated(path):
         return [path / "documents.jsonl"]
+    if (path / "work" / "00-read.done.json").is_file():
+        raise MtnlgError(f"{path}: an unfinished `mtnlg curate` run (no report.json); run it again to finish "
+                         "(it resumes), or pass the files you mean")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
