@@ -34,6 +34,8 @@ def available() -> list[str]:
 
 def convert(hf: torch.nn.Module, folder: Path, names: list[str]) -> None:
     """Write each named peer's model of the HF GPT-2 `hf` under `folder`, with the engine's own converter."""
+    if not names:
+        return
     hf.save_pretrained(folder / "hf")
     if any(name.startswith("ct2") for name in names):
         _convert_ctranslate2(hf, folder, [name for name in names if name.startswith("ct2")])
