@@ -84,11 +84,12 @@ class Contamination:
                     found.append((spans[start][0], spans[start + size - 1][1], gram))
         return found
 
-    def count_documents(self, texts: Iterable[str]) -> None:
-        """The first pass: ignore n-grams found in more than `max_documents` of these documents."""
+    def ignore_common(self, documents: Iterable[set[tuple[str, ...]]]) -> None:
+        """The first pass, given each training document's set of task n-grams (`matches`): ignore n-grams found
+        in more than `max_documents` documents."""
         counts: Counter = Counter()
-        for text in texts:
-            counts.update({gram for _, _, gram in self.matches(text)})
+        for grams in documents:
+            counts.update(grams)
         self.ignored = {gram for gram, n in counts.items() if n > self.rules.max_documents}
 
     def clean(self, text: str) -> tuple[list[str], list[str], str]:

@@ -152,7 +152,7 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    report, previous, upstream = [], None, ""
+    report, previous, upstream, total = [], None, "", None
     for number, (name, stage_options, run) in enumerate(steps):
         path, marker = work / f"{number:02d}-{name}.jsonl", work / f"{number:02d}-{name}.done.json"
         key = json.dumps({"options": stage_options, "after": upstream}, sort_keys=True, default=str)
@@ -163,7 +163,7 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
             stage = Stage(name, stage_options, path)
             with atomic_file(path) as out:
                 kept = run(options, previous, stage, workers)
-                for record in _bar(kept, options, name, _count(previous)):
+                for record in _bar(kept, options, name, total):
                     stage.documents_out[record["source"]] += 1
                     stage.bytes_out[record["source"]] += len(record["text"].encode())
                     out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
@@ -172,7 +172,7 @@ def _run(options: Options, steps: list[tuple[str, dict, Callable]], workers: Wor
         if options.keep_removed and summary["removed"] and previous is not None:
             _write_removed(options.output / "removed" / f"{name}.jsonl", previous, summary["removed"])
         report.append(summary)
-        previous, upstream = path, key
+        previous, upstream, total = path, key, summary["documents_out"]
     final = options.output / "documents.jsonl"
     with atomic_file(final) as out, open(previous, "rb") as f:
         for line in f:
@@ -210,13 +210,6 @@ def _stage_options(name: str, o: Options) -> dict[str, Any]:
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
     return (record for _, record in jsonl_lines(path))
-
-
-def _count(path: Path | None) -> int | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def _bar(records: Iterable, options: Options, name: str, total: int | None) -> Iterable:
@@ -314,13 +307,15 @@ def _write_removed(path: Path, previous: Path, removed: dict[str, str]) -> None:
 def _read(options: Options, _: Path | None, stage: Stage, workers: Workers) -> Iterator[dict]:
     skipped: list[str] = []
     stage.details["skipped_lines"] = skipped  # with on_bad_line "skip": "file:line: reason" of each
+    yield from _counted(_read_inputs(options, skipped), stage)
+
+
+def _read_inputs(options: Options, skipped: list[str]) -> Iterator[dict]:
     for source in options.inputs:
         for file, line, text, fields in read_with_origin(source, options.json_key, options.on_bad_line, skipped):
             record = {"text": text, "id": f"{file}:{line}" if line else str(file), "source": str(source)}
             if fields:
                 record["fields"] = fields  # the line's other fields, carried through
-            stage.documents_in[record["source"]] += 1
-            stage.bytes_in[record["source"]] += len(text.encode())
             yield record
 
 
@@ -491,7 +486,8 @@ def _verified(pairs: list[tuple[int, int]], files: list[tuple[Path, int]], size:
 def _decontaminate(options: Options, previous: Path, stage: Stage, workers: Workers) -> Iterator[dict]:
     items = [item for path in options.tasks for item in task_items(path)]
     contamination = Contamination(items, options.rules)
-    contamination.count_documents(record["text"] for record in _records(previous))
+    found = workers.map(partial(_task_ngrams, contamination=contamination), _records(previous))
+    contamination.ignore_common(grams for _, grams in found)
     hits: dict[str, list[str]] = {}
     for record, (pieces, found, why) in workers.map(partial(_clean, contamination=contamination),
                                                 _counted(_records(previous), stage)):
@@ -503,6 +499,10 @@ def _decontaminate(options: Options, previous: Path, stage: Stage, workers: Work
             yield {**record, "text": piece, "id": record["id"] if len(pieces) == 1 else f"{record['id']}#{number}"}
     stage.details.update(task_items=len(items), task_ngrams=len(contamination.ngrams),
                          ignored_ngrams=len(contamination.ignored), hits=hits)
+
+
+def _task_ngrams(record: dict, contamination: Contamination) -> set[tuple[str, ...]]:
+    return {gram for _, _, gram in contamination.matches(record["text"])}
 
 
 def _clean(record: dict, contamination: Contamination) -> tuple[list[str], list[str], str]:
